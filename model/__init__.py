@@ -1,0 +1,23 @@
+"""ShakespeareGPT's model package: GPT-2, its tokenizer, sampling and checkpoint I/O."""
+
+from .checkpoint import CheckpointError, read_model_card_metrics, render_model_card
+from .config import PRESETS, GPTConfig
+from .gpt import GPT, KVCache
+from .inference import load_for_inference
+from .sampling import generate
+from .tokenizer import EOT_TOKEN, load_tokenizer, stream_text
+
+__all__ = [
+    "EOT_TOKEN",
+    "GPT",
+    "PRESETS",
+    "CheckpointError",
+    "GPTConfig",
+    "KVCache",
+    "generate",
+    "load_for_inference",
+    "load_tokenizer",
+    "read_model_card_metrics",
+    "render_model_card",
+    "stream_text",
+]

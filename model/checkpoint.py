@@ -1,0 +1,299 @@
+"""Checkpoint I/O: the Hugging Face GPT-2 layout, nanoGPT-style `.pt` state dicts, and the Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+# Hugging Face stores these as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers that old transformers versions saved with the weights.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be found, read or matched to the model."""
+
+
+def normalize_state_dict(state_dict: dict, config: GPTConfig | None = None) -> dict:
+    """Map any supported layout onto this package's names and nn.Linear orientation: strip
+    torch.compile / DDP prefixes, add the `transformer.` prefix that GPT2Model checkpoints
+    lack, drop mask buffers, and transpose Conv1D weights."""
+    out = {}
+    for name, tensor in state_dict.items():
+        for prefix in WRAPPER_PREFIXES:
+            while name.startswith(prefix):
+                name = name[len(prefix) :]
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name
+        out[name] = tensor
+    c_attn = out.get("transformer.h.0.attn.c_attn.weight")
+    if c_attn is not None and c_attn.shape[1] == 3 * c_attn.shape[0]:  # Conv1D (C, 3C)
+        out = {k: v.t().contiguous() if k.endswith(CONV1D_SUFFIXES) else v for k, v in out.items()}
+    return out
+
+
+def check_state_dict(state_dict: dict, expected: dict, strict: bool = True) -> None:
+    """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
+    problems = []
+    for name, tensor in expected.items():
+        if name not in state_dict:
+            if name != "lm_head.weight":  # tied to transformer.wte.weight
+                problems.append(f"missing tensor {name} {tuple(tensor.shape)}")
+        elif state_dict[name].shape != tensor.shape:
+            problems.append(
+                f"tensor {name} has shape {tuple(state_dict[name].shape)}, the model needs {tuple(tensor.shape)}"
+            )
+    problems += [f"unexpected tensor {name}" for name in state_dict if name not in expected]
+    if "lm_head.weight" in state_dict and "transformer.wte.weight" in state_dict:
+        if not torch.equal(state_dict["lm_head.weight"], state_dict["transformer.wte.weight"]):
+            problems.append("lm_head.weight differs from transformer.wte.weight, but GPT-2 ties them")
+    if problems and (strict or any(not p.startswith(("missing", "unexpected")) for p in problems)):
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"config.json has model_type {hf.get('model_type')!r}; only 'gpt2' is supported")
+    return GPTConfig(
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        vocab_size=hf.get("vocab_size", 50257),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=hf.get("n_embd", 768),
+        dropout=hf.get("resid_pdrop", 0.0),
+        bias=hf.get("bias", True),
+    )
+
+
+def config_to_hf(config: GPTConfig, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def infer_config(state_dict: dict, hints: dict | None = None) -> GPTConfig:
+    """A config from tensor shapes (and a nanoGPT `model_args` dict when the file has one)."""
+    hints = hints or {}
+    try:
+        vocab_size, n_embd = state_dict["transformer.wte.weight"].shape
+        block_size = state_dict["transformer.wpe.weight"].shape[0]
+    except KeyError as missing:
+        raise CheckpointError(f"checkpoint has no tensor {missing.args[0]}; is it a GPT-2 checkpoint?") from None
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    n_head = hints.get("n_head")
+    if n_head is None:
+        n_head = max(1, n_embd // 64)  # GPT-2's head size
+        log.warning("checkpoint does not record n_head; assuming %d (head size 64)", n_head)
+    return GPTConfig(
+        block_size=block_size,
+        vocab_size=vocab_size,
+        n_layer=len(layers),
+        n_head=n_head,
+        n_embd=n_embd,
+        bias="transformer.ln_f.bias" in state_dict,
+    )
+
+
+def _read_weights(path: Path) -> tuple[dict, dict]:
+    """The tensors of a .safetensors or .pt file, and any config hints stored with them."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path), {}
+        if path.suffix in (".pt", ".pth", ".ckpt"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or .pt")
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is not a readable checkpoint ({err}); re-download or re-save it") from err
+    hints = {}
+    if isinstance(obj, dict):
+        for key in ("model_args", "config"):
+            if isinstance(obj.get(key), dict):
+                hints = obj[key]
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(t, torch.Tensor) for t in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return obj, hints
+
+
+def _find_weights(folder: Path) -> Path:
+    for name in (WEIGHTS_NAME, "model.pt", "ckpt.pt", "pytorch_model.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pt"))
+    if not found:
+        raise CheckpointError(f"folder {folder} holds no model.safetensors or .pt checkpoint")
+    return found[0]
+
+
+def _download(repo: str) -> Path:
+    """A Hub repo (`org/name` or `org/name@revision`) in the local cache, downloading if allowed."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo_id, _, revision = repo.partition("@")
+    patterns = ["*.json", "*.safetensors", "*.pt", "*.md", "*.png"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns))
+    except LocalEntryNotFoundError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        raise CheckpointError(
+            f"could not load {repo!r}: it is not a local path, {why}, and the repo is not in the local Hub "
+            "cache; connect to the internet once, or pass a local folder or .safetensors file"
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise CheckpointError(
+            f"could not load {repo!r}: no such Hub repo (or it is private: set HF_TOKEN or run `hf auth login`)"
+        ) from err
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise CheckpointError(f"could not load {repo!r} from the Hub: {err}") from err
+
+
+def resolve(source: str | Path) -> Path:
+    """A local checkpoint file or folder for source; Hub repo ids are downloaded or read from cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    looks_like_repo = re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", text) and not text.endswith((".pt", ".safetensors"))
+    if not looks_like_repo:
+        raise CheckpointError(f"checkpoint {text!r} not found: no such file or folder, and not a Hub repo id")
+    return _download(text)
+
+
+def load_checkpoint(source: str | Path) -> tuple[GPTConfig, dict]:
+    """The config and the normalized state dict from any supported source."""
+    path = resolve(source)
+    weights = _find_weights(path) if path.is_dir() else path
+    state_dict, hints = _read_weights(weights)
+    state_dict = normalize_state_dict(state_dict)
+    config_file = weights.parent / CONFIG_NAME
+    if config_file.is_file():
+        try:
+            config = config_from_hf(json.loads(config_file.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{config_file} is not a valid GPT-2 config: {err}") from err
+    else:
+        config = infer_config(state_dict, hints)
+    return config, state_dict
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_folder(model, folder: str | Path, model_card: str | None = None) -> Path:
+    if not model.config.bias:
+        raise ValueError("the Hugging Face GPT-2 layout needs bias=True")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: (t.t() if name.endswith(CONV1D_SUFFIXES) else t).detach().to("cpu").contiguous()
+        for name, t in model.state_dict().items()
+        if name != "lm_head.weight"  # tied: transformers re-ties it on load
+    }
+    dtype = model.transformer.wte.weight.dtype
+    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    config_text = json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n"
+    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(config_text))
+    card = model_card if model_card is not None else render_model_card(model.config)
+    _atomic_write(folder / CARD_NAME, lambda p: p.write_text(card))
+    return folder
+
+
+def render_model_card(config: GPTConfig, metrics: dict | None = None, body: str = "") -> str:
+    """A Hub model card: metadata front matter (with `metrics`) and a short description."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    metrics = metrics or {}
+    data = ModelCardData(
+        license="mit",
+        library_name="transformers",
+        tags=["gpt2", "text-generation", "shakespeare", "safetensors"],
+        datasets=["karpathy/tiny_shakespeare"],
+        pipeline_tag="text-generation",
+        language="en",
+        training_metrics=metrics,
+    )
+    shape = ", ".join(f"{k} {v}" for k, v in config.to_dict().items())
+    text = (
+        f"---\n{data.to_yaml()}\n---\n\n# ShakespeareGPT\n\n"
+        "A GPT-2 style language model trained on Tiny Shakespeare, in the Hugging Face GPT-2 layout "
+        "(loads with `transformers.GPT2LMHeadModel` and with `model.GPT.from_pretrained`). "
+        "Tokenizer: tiktoken `gpt2`.\n\n"
+        f"Shape: {shape}.\n"
+    )
+    if metrics:
+        text += "\n## Training\n\n| metric | value |\n| --- | --- |\n"
+        text += "".join(f"| {k} | {v} |\n" for k, v in metrics.items())
+    return str(ModelCard(text + body))
+
+
+def read_model_card_metrics(folder: str | Path) -> dict:
+    """The `training_metrics` recorded in a folder's model card ({} when there is none)."""
+    from huggingface_hub import ModelCard
+
+    card = Path(folder) / CARD_NAME
+    if not card.is_file():
+        return {}
+    metrics = ModelCard.load(card).data.to_dict().get("training_metrics")
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def upload_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create the Hub repo if needed and upload the folder. The token comes from the argument,
+    HF_TOKEN or the Hub login, and is never logged."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload ShakespeareGPT"
+    )
+    return str(getattr(info, "commit_url", info))

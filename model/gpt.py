@@ -1,0 +1,184 @@
+"""GPT-2: the network, with Hugging Face's parameter names and a preallocated KV cache."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of every layer for up to block_size positions, allocated once."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype) -> None:
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        mask, is_causal = None, T > 1
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer, :, :, start : start + T] = k
+            cache.values[layer, :, :, start : start + T] = v
+            k = cache.keys[layer, :, :, : start + T]
+            v = cache.values[layer, :, :, : start + T]
+            if start and T > 1:  # a chunk after cached positions: each query sees its own prefix
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+                is_causal = False
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return F.dropout(self.c_proj(y), dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or GPTConfig()
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+            elif name.endswith(("wte.weight", "wpe.weight")) or (name.endswith(".weight") and param.dim() == 2):
+                nn.init.normal_(param, mean=0.0, std=0.02)
+            elif "ln_" in name and name.endswith(".weight"):
+                nn.init.ones_(param)
+            else:
+                nn.init.zeros_(param)
+
+    def num_parameters(self) -> int:
+        """Parameter count, the tied embedding / output head counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the context ({self.config.block_size}); "
+                "crop it to the last block_size tokens"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position of idx (B, T) and, with targets, the mean cross-entropy."""
+        logits = self.lm_head(self._hidden(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int = 1) -> KVCache:
+        weight = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, weight.device, weight.dtype)
+
+    def next_token_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run idx (B, T) after the cached positions and return the last position's logits (B, vocab)."""
+        return self.lm_head(self._hidden(idx, cache)[:, -1])
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, device=None, dtype=None) -> "GPT":
+        """Load a local folder, a Hub repo id (`org/name` or `org/name@revision`), or a single
+        `.safetensors` / `.pt` file (Hugging Face GPT-2 layout or a nanoGPT-style state dict)."""
+        config, state_dict = checkpoint.load_checkpoint(source)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight
+        model.source = str(source)
+        model.eval()
+        return model.to(device=device, dtype=dtype or torch.float32)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Like nn.Module.load_state_dict, but a missing, unexpected or mis-shaped tensor is an
+        error that names it (lm_head.weight may be absent: it is tied to transformer.wte.weight)."""
+        state_dict = checkpoint.normalize_state_dict(state_dict, self.config)
+        checkpoint.check_state_dict(state_dict, self.state_dict(), strict=strict)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        self.lm_head.weight = self.transformer.wte.weight
+        return result
+
+    def save_pretrained(self, folder: str | Path, model_card: str | None = None) -> Path:
+        """Write the Hugging Face GPT-2 layout (config.json, model.safetensors, README.md)."""
+        return checkpoint.save_folder(self, folder, model_card)
+
+    def push_to_hub(
+        self, repo_id: str, private: bool = False, token: str | None = None, model_card: str | None = None
+    ) -> str:
+        """Upload the saved folder and a model card to the Hub; returns the commit URL."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, model_card)
+            return checkpoint.upload_folder(folder, repo_id, private=private, token=token)
