@@ -148,7 +148,7 @@ class GPT(nn.Module):
         return self.lm_head(self._hidden(idx, cache)[:, -1])
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, *, device=None, dtype=None) -> "GPT":
+    def from_pretrained(cls, source: str | Path, *, device=None, dtype=None) -> GPT:
         """Load a local folder, a Hub repo id (`org/name` or `org/name@revision`), or a single
         `.safetensors` / `.pt` file (Hugging Face GPT-2 layout or a nanoGPT-style state dict)."""
         config, state_dict = checkpoint.load_checkpoint(source)

@@ -37,9 +37,7 @@ def pick_precision(device: torch.device, dtype: str = "auto", quantize: str = "a
     return chosen_dtype, chosen_quantize
 
 
-def load_for_inference(
-    source: str | Path, device: str = "auto", dtype: str = "auto", quantize: str = "auto"
-) -> GPT:
+def load_for_inference(source: str | Path, device: str = "auto", dtype: str = "auto", quantize: str = "auto") -> GPT:
     """GPT.from_pretrained(source), moved to the device and precision that serve it best."""
     target = pick_device(device)
     weight_dtype, quantization = pick_precision(target, dtype, quantize)
