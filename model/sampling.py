@@ -52,7 +52,8 @@ def generate(
     seed: int | None = None,
 ) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids, one at a time. Temperature 0 is greedy; a seed
-    makes the output reproducible whatever else runs; stops after <|endoftext|>. The prompt is
+    makes the output reproducible whatever else runs; stops after <|endoftext|>. The model runs in
+    eval mode while the generator is live. The prompt is
     prefilled once into a KV cache, then one position runs per step; once the sequence outgrows
     the context, each step runs on the last block_size tokens."""
     _check(max_new_tokens, temperature, top_k, top_p)
@@ -72,18 +73,23 @@ def generate(
         cache.length = 0
         return _logits(model, torch.tensor([window], device=device), cache)
 
-    logits = prefill(tokens[-block_size:])
-    for step in range(max_new_tokens):
-        if temperature == 0 or top_k == 1:
-            token = int(logits.argmax())
-        else:
-            filtered = filter_logits(logits / temperature, top_k, top_p)
-            token = int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
-        yield token
-        if token == EOT_TOKEN or step == max_new_tokens - 1:
-            return
-        tokens.append(token)
-        if cache.length < block_size:
-            logits = _logits(model, torch.tensor([[token]], device=device), cache)
-        else:  # positions are absolute, so a shifted window must be recomputed
-            logits = prefill(tokens[-block_size:])
+    was_training = model.training
+    model.eval()  # no dropout while sampling (and no draw from the global RNG a trainer relies on)
+    try:
+        logits = prefill(tokens[-block_size:])
+        for step in range(max_new_tokens):
+            if temperature == 0 or top_k == 1:
+                token = int(logits.argmax())
+            else:
+                filtered = filter_logits(logits / temperature, top_k, top_p)
+                token = int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
+            yield token
+            if token == EOT_TOKEN or step == max_new_tokens - 1:
+                return
+            tokens.append(token)
+            if cache.length < block_size:
+                logits = _logits(model, torch.tensor([[token]], device=device), cache)
+            else:  # positions are absolute, so a shifted window must be recomputed
+                logits = prefill(tokens[-block_size:])
+    finally:
+        model.train(was_training)

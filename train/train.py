@@ -644,7 +644,8 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             if machine.world_size > 1:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+                dist.all_reduce(step_loss)  # gloo has no AVG
+                step_loss /= machine.world_size
             self.step += 1
             bar.update(1)
             self.pass_sum += step_loss

@@ -1,0 +1,255 @@
+"""The trainer through its command line, on a tiny model and a slice of Tiny Shakespeare."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import DATA, ROOT
+from safetensors.torch import load_file
+
+from model import GPT
+
+TRAIN = str(ROOT / "train" / "train.py")
+TINY = [
+    "--n-layer",
+    "2",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--lr",
+    "3e-3",
+    "--min-lr",
+    "3e-4",
+    "--warmup-steps",
+    "5",
+    "--log-interval",
+    "5",
+    "--eval-interval",
+    "1000",
+    "--checkpoint-interval",
+    "1000",
+    "--sample-tokens",
+    "4",
+    "--eval-batches",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """The first 30,000 characters of Tiny Shakespeare: about 30 steps per pass at 8 x 32."""
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(DATA.read_text()[:30_000])
+    return path
+
+
+def train_args(tmp_path, data, *extra):
+    return [
+        sys.executable,
+        TRAIN,
+        "--data",
+        str(data),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *TINY,
+        *extra,
+    ]
+
+
+def run(args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, **kwargs)
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_folder_loads_in_transformers(tmp_path, small_text):
+    result = run(train_args(tmp_path, small_text, "--max-steps", "40"))
+    assert result.returncode == 0, result.stderr
+    rows = [r for r in metrics(tmp_path / "out") if "lr" in r]
+    assert [r["step"] for r in rows] == list(range(5, 45, 5))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 2.0
+    folder = tmp_path / "out" / "latest"
+    assert {"config.json", "model.safetensors", "README.md", "loss_curve.png", "train_state.pt"} <= {
+        p.name for p in folder.iterdir()
+    }
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    ours = GPT.from_pretrained(folder)
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(theirs(idx).logits, ours(idx)[0], atol=1e-5)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["val_loss"] is not None
+
+
+def test_sigterm_then_resume_is_bit_identical(tmp_path, small_text):
+    steps = ["--max-steps", "30", "--dropout", "0.1", "--log-interval", "1"]
+    straight = run(train_args(tmp_path / "a", small_text, *steps))
+    assert straight.returncode == 0, straight.stderr
+
+    args = train_args(tmp_path / "b", small_text, *steps)
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    log = tmp_path / "b" / "out" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 8):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    interrupted_at = torch.load(tmp_path / "b" / "out" / "latest" / "train_state.pt", weights_only=True)["step"]
+    assert 8 <= interrupted_at < 30
+
+    resumed = run(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "a" / "out" / "latest" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "out" / "latest" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILL_DURING_SECOND_SAVE = """
+import os, signal, sys
+sys.argv = [sys.argv[0], *sys.argv[1:]]
+sys.path.insert(0, {root!r})
+import train.train as train
+from model import GPT
+original, calls = GPT.save_pretrained, []
+def dying_save(self, folder, model_card=None):
+    calls.append(folder)
+    if len(calls) == 2:  # the second checkpoint: write half a weights file, then die
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, folder, model_card)
+GPT.save_pretrained = dying_save
+train.main()
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, small_text):
+    script = tmp_path / "dying.py"
+    script.write_text(KILL_DURING_SECOND_SAVE.format(root=str(ROOT)))
+    args = train_args(tmp_path, small_text, "--max-steps", "20", "--checkpoint-interval", "5")
+    result = run([sys.executable, str(script), *args[2:]])
+    assert result.returncode == -signal.SIGKILL
+    latest = tmp_path / "out" / "latest"
+    model = GPT.from_pretrained(latest)
+    assert model.config.n_embd == 32
+    assert torch.load(latest / "train_state.pt", weights_only=True)["step"] == 5
+    resumed = run(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 20
+
+
+def test_target_loss_stops_on_a_full_pass_and_saves(tmp_path, small_text):
+    result = run(train_args(tmp_path, small_text, "--max-steps", "500", "--target-loss", "50"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["reached_target"] is True
+    # judged on the mean over the first whole pass, not on one batch
+    assert 20 <= summary["steps"] <= 40
+    assert "target loss reached" in result.stderr
+    assert GPT.from_pretrained(tmp_path / "out" / "latest").config.n_layer == 2
+
+
+def test_two_process_gloo_torchrun_only_rank0_writes(tmp_path, small_text):
+    args = train_args(tmp_path, small_text, "--max-steps", "10")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args[1:]]
+    result = run(command)
+    assert result.returncode == 0, result.stderr
+    rows = [r for r in metrics(tmp_path / "out") if "lr" in r]
+    assert [r["step"] for r in rows] == [5, 10]  # one writer: no duplicated rows
+    assert result.stderr.count("parameters;") == 1
+    assert GPT.from_pretrained(tmp_path / "out" / "latest").config.n_head == 2
+
+
+def test_push_to_hub_uploads_folder_and_card(tmp_path, small_text, monkeypatch):
+    import huggingface_hub
+
+    sent = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: sent.update(repo=repo_id))
+
+    def upload_folder(self, folder_path, repo_id, **kw):
+        sent["files"] = {p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).iterdir()}
+        sent["token"] = self.token
+        return "https://huggingface.co/fake/commit"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    sys.path.insert(0, str(ROOT))
+    from train import train
+
+    args = train_args(tmp_path, small_text, "--max-steps", "10", "--push-to-hub", "someone/shakespeare")[2:]
+    assert train.main(args) == 0
+    assert sent["repo"] == "someone/shakespeare"
+    assert {"config.json", "model.safetensors", "README.md", "loss_curve.png"} <= set(sent["files"])
+    card = sent["files"]["README.md"].decode()
+    assert "pipeline_tag: text-generation" in card and "val_loss" in card and "train_loss" in card
+    log = (tmp_path / "out" / "metrics.jsonl").read_text() + card
+    assert "hf_secret_value" not in log
+
+
+def test_push_to_hub_without_token_fails_before_training(tmp_path, small_text):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    start = time.time()
+    result = subprocess.run(
+        train_args(tmp_path, small_text, "--push-to-hub", "someone/repo"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert "HF_TOKEN" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "latest").exists()
+    assert time.time() - start < 60
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+        (["--batch-size", "zero"], "invalid int value"),
+        (["--n-embd", "31"], "--n-embd must be divisible by --n-head"),
+        (["--preset", "nope"], "invalid choice"),
+    ],
+)
+def test_bad_flags_fail_with_a_clear_message(tmp_path, small_text, extra, message):
+    result = run(train_args(tmp_path, small_text, *extra))
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_underscore_flags_are_accepted_like_sagemaker_passes_them(tmp_path, small_text):
+    sys.path.insert(0, str(ROOT))
+    from train import train
+
+    config = train.parse_config(["--batch_size", "4", "--max_steps", "7", "--resume", "true", "--preset", "cpu"])
+    assert (config.batch_size, config.max_steps, config.resume, config.n_embd) == (4, 7, True, 128)
+
+
+def test_missing_and_too_short_data_fail_clearly(tmp_path):
+    missing = run(train_args(tmp_path, tmp_path / "nope.txt"))
+    assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    short = tmp_path / "short.txt"
+    short.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3)
+    result = run(train_args(tmp_path, short))
+    assert result.returncode != 0 and "too short for one batch" in result.stderr and "Traceback" not in result.stderr
