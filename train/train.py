@@ -594,6 +594,32 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
 
+    def optimizer_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a whole batch (this process's share, in micro-batches); returns the
+        mean loss over all processes and the gradient norm, as device tensors (no host sync)."""
+        machine = self.machine
+        share = self.micro_batch * self.accum_steps
+        mine = slice(machine.rank * share, (machine.rank + 1) * share)
+        inputs, targets = inputs[mine], targets[mine]
+        step_loss = torch.zeros((), device=machine.device)
+        for micro in range(self.accum_steps):
+            part = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
+            sync = micro == self.accum_steps - 1 or machine.world_size == 1
+            with nullcontext() if sync else self.network.no_sync(), machine.autocast():
+                _, loss = self.network(inputs[part], targets[part])
+                loss = loss / self.accum_steps
+            self.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if machine.world_size > 1:
+            dist.all_reduce(step_loss)  # gloo has no AVG
+            step_loss /= machine.world_size
+        return step_loss, grad_norm
+
     def train(self) -> dict:
         c, machine = self.config, self.machine
         main = machine.is_main
@@ -623,29 +649,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             inputs, targets, ends_pass = self.batches.next()
-            mine = slice(
-                machine.rank * self.micro_batch * self.accum_steps,
-                (machine.rank + 1) * self.micro_batch * self.accum_steps,
-            )
-            inputs, targets = inputs[mine], targets[mine]
-            step_loss = torch.zeros((), device=machine.device)
-            for micro in range(self.accum_steps):
-                part = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
-                sync = micro == self.accum_steps - 1 or machine.world_size == 1
-                context = nullcontext() if sync else self.network.no_sync()
-                with context, machine.autocast():
-                    _, loss = self.network(inputs[part], targets[part])
-                    loss = loss / self.accum_steps
-                self.scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            if machine.world_size > 1:
-                dist.all_reduce(step_loss)  # gloo has no AVG
-                step_loss /= machine.world_size
+            step_loss, grad_norm = self.optimizer_step(inputs, targets)
             self.step += 1
             bar.update(1)
             self.pass_sum += step_loss
