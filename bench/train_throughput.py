@@ -1,0 +1,91 @@
+"""Training throughput of a preset with each optimisation on and off, side by side in one run.
+
+    python bench/train_throughput.py --data ../shared/data/input.txt [--preset cpu] [--steps 8]
+
+Each variant builds the real Trainer (train/train.py) and times its optimizer_step on the same
+batches. MFU is against the peak of a known GPU, or on a CPU against a large fp32 matmul measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import GPT, GPTConfig  # noqa: E402
+from train.train import Trainer, parse_config, peak_flops, setup_machine  # noqa: E402
+
+VARIANTS = {
+    "eager fp32 (baseline)": dict(dtype="float32", compile="false"),
+    "bf16 autocast": dict(dtype="bfloat16", compile="false"),
+    "torch.compile": dict(dtype="float32", compile="true"),
+    "torch.compile + bf16": dict(dtype="bfloat16", compile="true"),
+}
+
+
+def matmul_flops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def time_variant(argv: list[str], overrides: dict, steps: int, warmup: int) -> float:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+    config = parse_config(argv + flags)
+    trainer = Trainer(config, setup_machine(config))
+    batches = [trainer.batches.next()[:2] for _ in range(warmup + steps)]
+    for inputs, targets in batches[:warmup]:  # compilation and allocator warm-up
+        trainer.optimizer_step(inputs, targets)
+    start = time.perf_counter()
+    for inputs, targets in batches[warmup:]:
+        loss, _ = trainer.optimizer_step(inputs, targets)
+    float(loss)  # wait for the device
+    return steps * config.batch_size * config.block_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    argv = ["--preset", args.preset, "--data", args.data, "--out-dir", "/tmp/bench-train", "--dropout", "0"]
+    config = parse_config(argv)
+    machine = setup_machine(config)
+    shape = GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
+    with torch.device("meta"):
+        n_params = GPT(shape).num_parameters()
+    flops_per_token = 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
+    peak = peak_flops(machine.device) or matmul_flops(machine.device)
+    print(
+        f"preset {args.preset}: {n_params:,} parameters, batch {config.batch_size} x {config.block_size}, "
+        f"{torch.get_num_threads()} threads, peak {peak / 1e9:.0f} GFLOP/s ({machine.device})"
+    )
+    print(f"{'variant':<24} {'tokens/s':>10} {'MFU':>7} {'vs baseline':>12}")
+    baseline = None
+    for name, overrides in VARIANTS.items():
+        try:
+            tokens_per_second = time_variant(argv, overrides, args.steps, args.warmup)
+        except Exception as err:  # a variant this machine cannot run (e.g. no compiler) is reported, not fatal
+            print(f"{name:<24} failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
+            continue
+        baseline = baseline or tokens_per_second
+        mfu = flops_per_token * tokens_per_second / peak
+        print(f"{name:<24} {tokens_per_second:>10,.0f} {mfu:>7.1%} {tokens_per_second / baseline:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
