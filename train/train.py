@@ -30,6 +30,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python train/train.py` from anywhere
 
 from model import GPT, GPTConfig, generate, load_tokenizer, render_model_card, stream_text  # noqa: E402
+from model import PRESETS as MODEL_PRESETS  # noqa: E402
 from model.checkpoint import CheckpointError, upload_folder  # noqa: E402
 
 log = logging.getLogger("train")
@@ -105,10 +106,7 @@ PRESETS: dict[str, dict] = {
     "h100": dict(dtype="bfloat16", compile="true", micro_batch_size=32),
     # The model shipped in assets/: 2 CPU cores, under an hour, a file under 32 MiB.
     "cpu": dict(
-        n_layer=4,
-        n_head=4,
-        n_embd=128,
-        block_size=256,
+        **MODEL_PRESETS["cpu-small"],
         batch_size=16,
         lr=2e-3,
         min_lr=2e-4,
