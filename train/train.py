@@ -558,10 +558,10 @@ class Trainer:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def summary(self, pass_loss: float | None, val: float | None) -> dict:
+    def summary(self, val: float | None) -> dict:
         c = self.config
         return {
-            "train_loss": None if pass_loss is None else round(pass_loss, 4),
+            "train_loss": None if self.pass_loss is None else round(self.pass_loss, 4),
             "val_loss": None if val is None else round(val, 4),
             "steps": self.step,
             "tokens": self.step * c.batch_size * c.block_size,
@@ -577,11 +577,11 @@ class Trainer:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
         return f"{self.machine.world_size} x {name}" if self.machine.world_size > 1 else name
 
-    def checkpoint(self, pass_loss: float | None, val: float | None, best: bool = False) -> None:
+    def checkpoint(self, val: float | None, best: bool = False) -> None:
         if not self.machine.is_main:
             return
         curve = self.plot()
-        card = self.card(self.summary(self.pass_loss, val), self.samples())
+        card = self.card(self.summary(val), self.samples())
         state = self.state()
         save_checkpoint(self.out_dir, "latest", self.model, state, card, [curve])
         if best:
@@ -693,9 +693,9 @@ class Trainer:
                     tqdm.write(f"step {self.step}: pass loss {self.pass_loss}, held-out loss {val}")
                 best = val is not None and val < self.best_val
                 self.best_val = min(self.best_val, val) if val is not None else self.best_val
-                self.checkpoint(self.pass_loss, val, best=best)
+                self.checkpoint(val, best=best)
             elif self.step % c.checkpoint_interval == 0 and not reached:
-                self.checkpoint(self.pass_loss, val)
+                self.checkpoint(val)
             stop = self.stop_signal
             if machine.world_size > 1 and self.step % c.log_interval == 0:  # every rank checks at the same step
                 flag = torch.tensor(float(stop), device=machine.device)
@@ -713,8 +713,8 @@ class Trainer:
             self.record({"step": self.step, "loss": self.pass_loss, "val_loss": val})
         best = val is not None and val < self.best_val
         self.best_val = min(self.best_val, val) if val is not None else self.best_val
-        self.checkpoint(self.pass_loss, val, best=best)
-        summary = {**self.summary(self.pass_loss, val), "reached_target": reached, "reason": reason}
+        self.checkpoint(val, best=best)
+        summary = {**self.summary(val), "reached_target": reached, "reason": reason}
         if main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             log.info("%s; checkpoint in %s", reason, self.out_dir / "latest")
