@@ -1,0 +1,121 @@
+"""ShakespeareGPT's Gradio app: streams text from the model, in the browser and as the API `/generate`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from model import CheckpointError, load_for_inference, load_tokenizer, serving
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EXAMPLES = ["First Citizen:", "ROMEO:", "To be or not"]
+CONCURRENCY_LIMIT = 2  # a Space's "CPU basic" has 2 vCPUs
+QUEUE_SIZE = 32
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("MODEL_ID") or str(ASSETS),
+        help="a folder, a .safetensors / .pt file or a Hub repo id (org/name[@revision]); "
+        "default: env MODEL_ID, else the model shipped in assets/",
+    )
+    default_host = "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or default_host)
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto")
+    return parser.parse_args(argv)
+
+
+def build(model, facts: serving.ModelFacts) -> gr.Blocks:
+    tokenizer = load_tokenizer()
+    block_size = model.config.block_size
+
+    def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed):
+        """Stream the prompt followed by its continuation. temperature 0 is greedy; top_k 0 and
+        top_p 1 are off; seed None or -1 draws a random seed. The stream yields the growing text."""
+        try:
+            request = serving.check_request(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer)
+        except serving.RequestError as err:
+            raise gr.Error(str(err)) from None
+        if request.cropped:
+            gr.Warning(serving.crop_note(request, block_size))
+        for text, stats in serving.stream_completion(model, request, tokenizer):
+            yield text, stats.summary()
+
+    with gr.Blocks(title="ShakespeareGPT") as demo:
+        gr.Markdown("# ShakespeareGPT\nA GPT-2 trained on Tiny Shakespeare. Give it a line and it writes on.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="ROMEO:", elem_id="prompt")
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                    clear_button = gr.Button("Clear", elem_id="clear")
+                output = gr.Textbox(
+                    label="Prompt + continuation", lines=14, interactive=False, buttons=["copy"], elem_id="output"
+                )
+                stats = gr.Markdown(elem_id="stats")
+                gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], cache_examples=False, api_visibility="private")
+            with gr.Column(scale=2):
+                max_new_tokens = gr.Slider(
+                    1, block_size, value=min(200, block_size), step=1, label="Max new tokens", elem_id="max-new-tokens"
+                )
+                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", info="0 = greedy")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off")
+                seed = gr.Number(value=-1, precision=0, label="Seed", info="blank or -1 = random")
+                with gr.Accordion("Model", open=True):
+                    gr.Markdown(
+                        "| | |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in facts.rows()),
+                        elem_id="model-facts",
+                    )
+                    if facts.loss_curve:
+                        gr.Image(str(facts.loss_curve), label="Loss curve", interactive=False, type="filepath")
+
+        run_stats = gr.State("")
+        inputs = [prompt, max_new_tokens, temperature, top_k, top_p, seed]
+        # Raw values reach generate(), which checks them itself: the API sees exactly what callers sent.
+        run = generate_button.click(
+            generate,
+            inputs,
+            [output, run_stats],
+            api_name="generate",
+            preprocess=False,
+            concurrency_limit=CONCURRENCY_LIMIT,
+        )
+        for event in (run, stop_button.click(None, cancels=[run])):
+            event.then(lambda summary: summary, run_stats, stats, api_visibility="private", queue=False)
+        clear_button.click(None, js="() => ['', '', '']", outputs=[prompt, output, stats])
+    return demo.queue(max_size=QUEUE_SIZE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's start-up checks, one line each
+    try:
+        model = load_for_inference(args.model, device="auto", dtype=args.dtype, quantize=args.quantize)
+        facts = serving.ModelFacts.of(model, args.model)
+    except (CheckpointError, ValueError) as err:
+        sys.exit(
+            f"error: could not load a model from {args.model!r} (--model, else env MODEL_ID, else assets/):\n"
+            f"  {err}\n"
+            "Pass --model with a folder holding config.json + model.safetensors, a .safetensors / .pt file or "
+            "a Hub repo id (org/name), or train one: python train/train.py --preset cpu --out-dir out/cpu"
+        )
+    serving.warm_up(model)
+    logging.info("serving %s: %s parameters, %s", args.model, f"{facts.parameters:,}", facts.precision)
+    build(model, facts).launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Start the real app.py as a subprocess for the app and browser tests (and the start-up bench)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from model import GPT, GPTConfig, render_model_card
+
+ROOT = Path(__file__).resolve().parents[1]
+# The machine may be busy training: leave generous time for torch and gradio to import.
+START_TIMEOUT_S = 180
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random tiny GPT with a model card that records losses, and a loss curve image."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_preset("tiny"))
+    card = render_model_card(model.config, {"train_loss": 1.2345, "val_loss": 4.5678})
+    model.save_pretrained(folder, model_card=card)
+    Image.new("RGB", (8, 8), "white").save(folder / "loss_curve.png")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken-cache"))
+    for name in ("SPACE_ID", "MODEL_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
+        env.pop(name, None)
+    env["GRADIO_ANALYTICS_ENABLED"] = "False"
+    return env
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = START_TIMEOUT_S) -> float:
+    """Seconds until url answers; raises with the app's output if it exits or the time runs out."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/gradio_api/info", timeout=2) as response:
+                if response.status == 200:
+                    return time.perf_counter() - start
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"app.py did not answer at {url} within {timeout:.0f} s:\n{log.read_text()}")
+
+
+@contextlib.contextmanager
+def running_app(*args: str) -> Iterator[str]:
+    """Run `python app.py --port <free port> *args` on 127.0.0.1 and yield its URL. Its output
+    goes to a file, so a chatty server can never block on a full pipe."""
+    port = free_port()
+    command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), *args]
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "app.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, cwd=ROOT, env=app_env(), stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_up(url, process, log)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,202 @@
+"""The real app.py in a subprocess, called through gradio_client and raw HTTP, as API users call it."""
+
+import asyncio
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from app_server import ROOT, app_env, free_port, running_app, save_tiny_model
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from model import GPT, generate, load_tokenizer, stream_text
+
+PARAMETERS = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"]
+BLOCK_SIZE = 64  # the tiny preset's context
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def url(tiny_folder):
+    # fp32 on both sides, so greedy text matches token for token
+    with running_app("--model", str(tiny_folder), "--dtype", "float32", "--quantize", "none") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder):
+    return GPT.from_pretrained(tiny_folder)
+
+
+def expected(model, prompt, max_new_tokens, prompt_ids=None, **sampling):
+    tokenizer = load_tokenizer()
+    ids = generate(model, prompt_ids or tokenizer.encode(prompt), max_new_tokens, **sampling)
+    return prompt + "".join(stream_text(ids, tokenizer))
+
+
+def greedy(client, prompt="ROMEO:", max_new_tokens=12):
+    return client.predict(prompt, max_new_tokens, 0, 0, 1.0, -1, api_name="/generate")
+
+
+def raw_call(url, body: str) -> tuple[str, object]:
+    """POST a hand-written JSON body (NaN and Infinity included) and return the last SSE event and its data."""
+    endpoint = f"{url}/gradio_api/call/generate"
+    response = httpx.post(endpoint, content=body, headers={"content-type": "application/json"}, timeout=30)
+    response.raise_for_status()
+    stream = httpx.get(f"{endpoint}/{response.json()['event_id']}", timeout=60).text
+    events = [line.removeprefix("event: ") for line in stream.splitlines() if line.startswith("event: ")]
+    data = [line.removeprefix("data: ") for line in stream.splitlines() if line.startswith("data: ")]
+    return events[-1], json.loads(data[-1])
+
+
+def test_one_public_endpoint_with_named_parameters(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    assert list(api["named_endpoints"]) == ["/generate"]
+    assert api["unnamed_endpoints"] == {}
+    assert [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]] == PARAMETERS
+    assert len(api["named_endpoints"]["/generate"]["returns"]) == 1
+
+
+@pytest.mark.parametrize("prompt", ["ROMEO:", "To be or not<|endoftext|>"])
+def test_greedy_output_is_prompt_plus_generate(client, reference, prompt):
+    # "<|endoftext|>" typed in a prompt is text, encoded as such on both sides
+    text = client.predict(prompt, 30, 0, 0, 1.0, -1, api_name="/generate")
+    assert text == expected(reference, prompt, 30, temperature=0)
+    assert len(text) > len(prompt)
+
+
+def test_same_seed_same_text(client, reference):
+    args = ("First Citizen:", 30, 1.0, 0, 1.0)
+    first = client.predict(*args, 1234, api_name="/generate")
+    assert client.predict(*args, 1234, api_name="/generate") == first
+    assert first == expected(reference, "First Citizen:", 30, temperature=1.0, seed=1234)
+    assert client.predict(*args, 1235, api_name="/generate") != first
+
+
+def test_keyword_arguments_and_defaults(client, reference):
+    text = client.predict(prompt="ROMEO:", temperature=0, max_new_tokens=10, api_name="/generate")
+    assert text == expected(reference, "ROMEO:", 10, temperature=0)
+
+
+def test_submit_streams_growing_text(client):
+    job = client.submit("First Citizen:", 60, 0.8, 50, 1.0, 7, api_name="/generate")
+    outputs = list(job)
+    final = job.result()
+    assert len(set(outputs)) >= 5, outputs
+    assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:], strict=False))
+    assert outputs[0] == "First Citizen:" and outputs[-1] == final and len(final) > len(outputs[0])
+
+
+BAD_INPUTS = [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": " \n\t "}, "prompt is empty"),
+    ({"prompt": 123}, "prompt must be text"),
+    ({"prompt": None}, "prompt must be text"),
+    ({"prompt": "a" * 100_001}, "at most 100,000"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be a whole number from 1 to 64"),
+    ({"max_new_tokens": BLOCK_SIZE + 1}, "max_new_tokens must be a whole number from 1 to 64"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number"),
+    ({"max_new_tokens": "ten"}, "max_new_tokens must be a whole number"),
+    ({"temperature": -0.1}, r"temperature must be a number from 0 to 2 \(0 = greedy\)"),
+    ({"temperature": 2.5}, "temperature must be a number from 0 to 2"),
+    ({"temperature": "hot"}, "temperature must be a number"),
+    ({"top_k": -1}, r"top_k must be a whole number from 0 to 200 \(0 = off\)"),
+    ({"top_k": 201}, "top_k must be a whole number from 0 to 200"),
+    ({"top_k": 3.5}, "top_k must be a whole number"),
+    ({"top_p": 0.0}, "top_p must be a number from 0.05 to 1"),
+    ({"top_p": 1.5}, "top_p must be a number from 0.05 to 1"),
+    ({"top_p": [0.5]}, "top_p must be a number"),
+    ({"seed": -2}, r"seed must be blank, -1 \(random\) or a whole number"),
+    ({"seed": 0.5}, "seed must be blank, -1"),
+    ({"seed": "abc"}, "seed must be blank, -1"),
+    ({"seed": True}, "seed must be blank, -1"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_INPUTS, ids=[f"{change}"[:30] for change, _ in BAD_INPUTS])
+def test_bad_input_is_refused_with_a_message(client, change, message):
+    before = greedy(client)
+    arguments = dict(prompt="ROMEO:", max_new_tokens=12, temperature=0.8, top_k=50, top_p=1.0, seed=1) | change
+    with pytest.raises(AppError, match=message):
+        client.predict(*arguments.values(), api_name="/generate")
+    assert greedy(client) == before
+
+
+@pytest.mark.parametrize("name", PARAMETERS[1:])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(client, url, name, value):
+    before = greedy(client)
+    arguments = dict(max_new_tokens="12", temperature="0.8", top_k="50", top_p="1.0", seed="1") | {name: value}
+    event, data = raw_call(url, '{"data": ["ROMEO:", ' + ", ".join(arguments.values()) + "]}")
+    assert event == "error" and data["error"].startswith(f"{name} must be"), data
+    assert greedy(client) == before
+
+
+def test_too_few_arguments_get_an_error(client, url):
+    event, data = raw_call(url, '{"data": ["ROMEO:", 12]}')
+    assert event == "error" and "needed: 6" in data["error"]
+    assert greedy(client).startswith("ROMEO:")
+
+
+def test_long_prompt_keeps_its_last_block_size_tokens_and_says_so(client, reference):
+    prompt = "ROMEO:\nWhat light through yonder window breaks? " * 10
+    prompt_ids = load_tokenizer().encode(prompt)
+    assert len(prompt_ids) > BLOCK_SIZE
+
+    async def run():
+        job = client.submit(prompt, 20, 0, 0, 1.0, -1, api_name="/generate")
+        logs = [update.log async for update in job if getattr(update, "log", None)]
+        return job.result(), logs
+
+    text, logs = asyncio.run(run())
+    assert text == expected(reference, prompt, 20, prompt_ids=prompt_ids[-BLOCK_SIZE:], temperature=0)
+    assert any(level == "warning" and f"only its last {BLOCK_SIZE} tokens" in log for log, level in logs), logs
+
+
+def test_six_concurrent_clients_all_answered(url, reference):
+    def ask(seed):
+        return Client(url, verbose=False).predict("ROMEO:", 24, 0.8, 50, 1.0, seed, api_name="/generate")
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(6)))
+    for seed, answer in enumerate(answers):
+        assert answer == expected(reference, "ROMEO:", 24, temperature=0.8, top_k=50, seed=seed)
+
+
+def test_model_panel_shows_source_parameters_losses_and_curve(url, tiny_folder, reference):
+    config = httpx.get(f"{url}/config", timeout=30).json()
+    values = {c["type"]: [] for c in config["components"]}
+    for component in config["components"]:
+        values[component["type"]].append(component.get("props", {}).get("value"))
+    panel = next(v for v in values["markdown"] if v and "parameters" in v)
+    for fact in (str(tiny_folder), f"{reference.num_parameters():,}", "1.2345", "4.5678", "float32"):
+        assert fact in panel
+    assert any(v and v.get("url") for v in values["image"])
+    sliders = {c["props"]["label"]: c["props"] for c in config["components"] if c["type"] == "slider"}
+    assert sliders["Max new tokens"]["maximum"] == BLOCK_SIZE and sliders["Max new tokens"]["value"] == BLOCK_SIZE
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt"])
+def test_unloadable_model_stops_start_up_with_a_message(tmp_path, kind):
+    source = tmp_path / "nothing-here"
+    if kind == "corrupt":
+        source = tmp_path / "corrupt"
+        source.mkdir()
+        (source / "model.safetensors").write_bytes(b"not a safetensors file")
+    command = [sys.executable, "app.py", "--model", str(source), "--port", str(free_port())]
+    result = subprocess.run(command, cwd=ROOT, env=app_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert f"could not load a model from '{source}'" in result.stderr
+    assert "--model" in result.stderr and "Traceback" not in result.stderr + result.stdout
