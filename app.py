@@ -72,12 +72,9 @@ def build(model, facts: serving.ModelFacts) -> gr.Blocks:
                 temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", info="0 = greedy")
                 top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off")
-                seed = gr.Number(value=-1, precision=0, label="Seed", info="blank or -1 = random")
+                seed = gr.Number(value=-1, precision=0, label="Seed", info="blank or -1 = random", elem_id="seed")
                 with gr.Accordion("Model", open=True):
-                    gr.Markdown(
-                        "| | |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in facts.rows()),
-                        elem_id="model-facts",
-                    )
+                    gr.Markdown("".join(f"- **{k}**: {v}\n" for k, v in facts.rows()), elem_id="model-facts")
                     if facts.loss_curve:
                         gr.Image(str(facts.loss_curve), label="Loss curve", interactive=False, type="filepath")
 

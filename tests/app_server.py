@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from model import GPT, GPTConfig, render_model_card
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # also imported by scripts (tests/test_browser.py, bench/app_startup.py)
+
+from model import GPT, GPTConfig, render_model_card  # noqa: E402
+
 # The machine may be busy training: leave generous time for torch and gradio to import.
 START_TIMEOUT_S = 180
 
