@@ -1,0 +1,90 @@
+"""model/serving.py: request checks, the streamed completion and its figures, the model's facts."""
+
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, generate, load_tokenizer, render_model_card, stream_text
+from model.serving import SEED_MAX, ModelFacts, RequestError, check_request, stream_completion
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset("tiny")).eval()
+
+
+def request(model, **changes):
+    arguments = dict(prompt="ROMEO:", max_new_tokens=10, temperature=0.8, top_k=50, top_p=1.0, seed=1) | changes
+    return check_request(model, **arguments)
+
+
+def test_json_numbers_are_normalised(tiny):
+    checked = request(tiny, max_new_tokens=20.0, temperature=1, top_k=0.0, top_p=1, seed=7.0)
+    values = (checked.max_new_tokens, checked.temperature, checked.top_k, checked.top_p, checked.seed)
+    assert values == (20, 1.0, None, 1.0, 7)
+    assert isinstance(checked.max_new_tokens, int) and isinstance(checked.seed, int)
+
+
+@pytest.mark.parametrize("seed", [None, -1, -1.0])
+def test_a_random_seed_is_drawn_and_recorded(tiny, seed):
+    seeds = {request(tiny, seed=seed).seed for _ in range(5)}
+    assert len(seeds) == 5 and all(0 <= s <= SEED_MAX for s in seeds)
+
+
+@pytest.mark.parametrize(
+    "name, value", [("max_new_tokens", math.nan), ("temperature", math.inf), ("top_p", -math.inf), ("top_k", None)]
+)
+def test_non_finite_and_missing_numbers_are_refused(tiny, name, value):
+    with pytest.raises(RequestError, match=f"{name} must be"):
+        request(tiny, **{name: value})
+
+
+def test_errors_never_echo_a_huge_value(tiny):
+    with pytest.raises(RequestError) as error:
+        request(tiny, temperature="x" * 10_000)
+    assert len(str(error.value)) < 200
+
+
+def test_long_prompt_is_cropped_to_the_context(tiny):
+    checked = request(tiny, prompt="To be or not to be, that is the question. " * 20)
+    ids = load_tokenizer().encode(checked.prompt)
+    assert checked.cropped and checked.prompt_tokens == len(ids) and checked.prompt_ids == ids[-64:]
+    assert not request(tiny).cropped
+
+
+def test_stream_completion_grows_from_the_prompt_and_counts_tokens(tiny):
+    checked = request(tiny, max_new_tokens=15, temperature=0)
+    items = [(text, stats.new_tokens) for text, stats in stream_completion(tiny, checked)]
+    texts = [text for text, _ in items]
+    assert texts[0] == "ROMEO:" and items[0][1] == 0
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    tokenizer = load_tokenizer()
+    new_ids = list(generate(tiny, tokenizer.encode("ROMEO:"), 15, temperature=0))
+    assert texts[-1] == "ROMEO:" + "".join(stream_text(new_ids, tokenizer))
+    *_, (_, stats) = stream_completion(tiny, checked)
+    assert stats.new_tokens == len(new_ids) and stats.seconds > 0 and stats.first_token_seconds <= stats.seconds
+    assert stats.tokens_per_second == pytest.approx(stats.new_tokens / stats.seconds)
+    assert f"{stats.new_tokens} tokens in" in stats.summary() and f"seed {checked.seed}" in stats.summary()
+
+
+def test_crop_is_noted_in_the_summary(tiny):
+    checked = request(tiny, prompt="ROMEO: " * 100, max_new_tokens=2)
+    *_, (_, stats) = stream_completion(tiny, checked)
+    assert "only its last 64 tokens" in stats.summary()
+
+
+def test_model_facts_read_the_card_and_the_curve(tiny, tmp_path):
+    tiny.save_pretrained(
+        tmp_path / "with", model_card=render_model_card(tiny.config, {"train_loss": 0.5, "val_loss": 2})
+    )
+    (tmp_path / "with" / "loss_curve.png").write_bytes(b"png")
+    rows = dict(ModelFacts.of(tiny, tmp_path / "with").rows())
+    assert rows["train loss"] == "0.5000" and rows["held-out loss"] == "2.0000"
+    assert rows["parameters"] == f"{tiny.num_parameters():,}"
+    assert ModelFacts.of(tiny, tmp_path / "with").loss_curve == tmp_path / "with" / "loss_curve.png"
+
+    tiny.save_pretrained(tmp_path / "without")
+    facts = ModelFacts.of(tiny, tmp_path / "without" / "model.safetensors")
+    assert facts.loss_curve is None and "not recorded" in dict(facts.rows())["train loss"]
