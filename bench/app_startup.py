@@ -1,0 +1,107 @@
+"""How long `python app.py` takes to serve, and how soon the first token comes, on this machine.
+
+    python bench/app_startup.py [--model assets] [--runs 5] [--max-new-tokens 100] [-- app flags]
+
+Starts the real app as a subprocess and times, from the moment it is launched: the server
+answering, then the first complete answer through gradio_client. Then, for several requests,
+the first streamed token as a client sees it, beside the same figures measured in-process
+(the model alone, no HTTP) so the app's own overhead shows. Goals: ready <= 10 s, first token <= 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken-cache"))
+
+from gradio_client import Client  # noqa: E402
+
+from model import load_for_inference, load_tokenizer, serving  # noqa: E402
+from tests.app_server import app_env, free_port, wait_until_up  # noqa: E402
+
+PROMPT = "ROMEO:"
+READY_GOAL_S, FIRST_TOKEN_GOAL_S = 10.0, 0.5
+
+
+def through_the_app(client: Client, max_new_tokens: int, seed: int) -> tuple[float, float, int]:
+    """Seconds to the first streamed token and to the end, and the tokens generated (re-tokenised)."""
+    start = time.perf_counter()
+    first = None
+    job = client.submit(PROMPT, max_new_tokens, 0.8, 50, 1.0, seed, api_name="/generate")
+    for text in job:
+        if first is None and len(text) > len(PROMPT):
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return first or total, total, len(load_tokenizer().encode(job.result()[len(PROMPT) :]))
+
+
+def in_process(model, max_new_tokens: int, seed: int) -> serving.RunStats:
+    request = serving.check_request(model, PROMPT, max_new_tokens, 0.8, 50, 1.0, seed)
+    *_, (_, stats) = serving.stream_completion(model, request)
+    return stats
+
+
+def verdict(value: float, goal: float) -> str:
+    return f"goal <= {goal:g} s: {'met' if value <= goal else 'MISSED'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "assets"))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("app_flags", nargs="*", help="passed to app.py after --, e.g. -- --quantize int8")
+    args = parser.parse_args()
+
+    port = free_port()
+    command = [sys.executable, str(ROOT / "app.py"), "--model", args.model, "--port", str(port), *args.app_flags]
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other work slows every figure)")
+    print("command:", " ".join(command[1:]))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "app.log"
+        with open(log, "w") as out:
+            launched = time.perf_counter()
+            process = subprocess.Popen(command, cwd=ROOT, env=app_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            ready = wait_until_up(url, process, log)
+            client = Client(url, verbose=False)
+            through_the_app(client, args.max_new_tokens, seed=0)
+            first_answer = time.perf_counter() - launched
+            runs = [through_the_app(client, args.max_new_tokens, seed) for seed in range(1, args.runs + 1)]
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+    model = load_for_inference(args.model)
+    serving.warm_up(model)
+    # in a worker thread, as Gradio runs the app's generator: torch's CPU threading differs from the main thread's
+    with ThreadPoolExecutor(1) as pool:
+        direct = list(pool.map(lambda seed: in_process(model, args.max_new_tokens, seed), range(1, args.runs + 1)))
+
+    app_first = statistics.median(first for first, _, _ in runs)
+    app_rate = statistics.median(tokens / (total - first) for first, total, tokens in runs if total > first)
+    model_first = statistics.median(s.first_token_seconds for s in direct)
+    model_rate = statistics.median(s.tokens_per_second for s in direct)
+    print(f"model: {args.model} ({model.num_parameters():,} parameters, {getattr(model, 'precision', '?')})")
+    print(f"ready (server answers)        {ready:6.2f} s   {verdict(ready, READY_GOAL_S)}")
+    print(f"first answer ({args.max_new_tokens} tokens)     {first_answer:6.2f} s   from launch")
+    print(f"median of {args.runs} runs           through the app   model alone   app overhead")
+    overhead = app_first - model_first
+    print(f"first token                   {app_first:8.3f} s   {model_first:9.3f} s   {overhead:+8.3f} s")
+    print(f"decode tokens/s               {app_rate:10.1f}   {model_rate:11.1f}")
+    print(f"first token {verdict(app_first, FIRST_TOKEN_GOAL_S)}")
+
+
+if __name__ == "__main__":
+    main()
