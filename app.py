@@ -76,7 +76,7 @@ def build(model, facts: serving.ModelFacts) -> gr.Blocks:
                 with gr.Accordion("Model", open=True):
                     gr.Markdown("".join(f"- **{k}**: {v}\n" for k, v in facts.rows()), elem_id="model-facts")
                     if facts.loss_curve:
-                        gr.Image(str(facts.loss_curve), label="Loss curve", interactive=False, type="filepath")
+                        gr.Image(str(facts.loss_curve), label="Loss curve", buttons=["fullscreen", "download"])
 
         run_stats = gr.State("")
         inputs = [prompt, max_new_tokens, temperature, top_k, top_p, seed]

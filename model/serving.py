@@ -3,6 +3,7 @@ facts about a loaded model that an app shows. No UI here: any front end can use 
 
 from __future__ import annotations
 
+import logging
 import math
 import reprlib
 import secrets
@@ -11,10 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from . import checkpoint
 from .gpt import GPT
 from .sampling import generate
 from .tokenizer import EOT_TOKEN, TextEncoding, load_tokenizer, stream_text
+
+log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 100_000  # far beyond any context; bounds the tokenizer's work per request
 TEMPERATURE_MAX = 2.0
@@ -183,6 +188,14 @@ def warm_up(model: GPT) -> None:
         pass
 
 
+def _card_metrics(folder: Path) -> dict:
+    try:
+        return checkpoint.read_model_card_metrics(folder)
+    except (ValueError, yaml.YAMLError) as err:  # a hand-edited card must not stop the model being served
+        log.warning("could not read the training metrics in %s: %s", folder / checkpoint.CARD_NAME, err)
+        return {}
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """Where a loaded model came from and what its model card says about it."""
@@ -208,7 +221,7 @@ class ModelFacts:
             shape=f"{config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "
             f"context {config.block_size} tokens",
             precision=getattr(model, "precision", str(model.transformer.wte.weight.dtype).removeprefix("torch.")),
-            metrics=checkpoint.read_model_card_metrics(folder),
+            metrics=_card_metrics(folder),
             loss_curve=curve if curve.is_file() else None,
         )
 

@@ -12,7 +12,7 @@ from app_server import ROOT, app_env, free_port, running_app, save_tiny_model
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from model import GPT, generate, load_tokenizer, stream_text
+from model import GPT, CheckpointError, generate, load_tokenizer, stream_text
 
 PARAMETERS = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"]
 BLOCK_SIZE = 64  # the tiny preset's context
@@ -200,3 +200,35 @@ def test_unloadable_model_stops_start_up_with_a_message(tmp_path, kind):
     assert result.returncode != 0
     assert f"could not load a model from '{source}'" in result.stderr
     assert "--model" in result.stderr and "Traceback" not in result.stderr + result.stdout
+
+
+def test_defaults_follow_the_environment(monkeypatch):
+    import app
+
+    for name in ("SPACE_ID", "MODEL_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    args = app.parse_args([])
+    assert (args.model, args.host, args.port, args.share) == (str(ROOT / "assets"), "127.0.0.1", 7860, False)
+    monkeypatch.setenv("SPACE_ID", "me/shakespeare-gpt")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "9000")
+    monkeypatch.setenv("MODEL_ID", "me/model")
+    args = app.parse_args([])
+    assert (args.model, args.host, args.port) == ("me/model", "0.0.0.0", 9000)
+    args = app.parse_args(["--model", "other", "--host", "::1", "--port", "1234"])
+    assert (args.model, args.host, args.port) == ("other", "::1", 1234)
+
+
+def test_flags_reach_load_for_inference(monkeypatch):
+    import app
+
+    calls = []
+
+    def refuse(source, **options):
+        calls.append((source, options))
+        raise CheckpointError("no weights here")
+
+    monkeypatch.setattr(app, "load_for_inference", refuse)
+    with pytest.raises(SystemExit) as exit:
+        app.main(["--model", "somewhere", "--dtype", "bfloat16", "--quantize", "int8"])
+    assert calls == [("somewhere", dict(device="auto", dtype="bfloat16", quantize="int8"))]
+    assert "could not load a model from 'somewhere'" in exit.value.code and "no weights here" in exit.value.code

@@ -88,3 +88,8 @@ def test_model_facts_read_the_card_and_the_curve(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "without")
     facts = ModelFacts.of(tiny, tmp_path / "without" / "model.safetensors")
     assert facts.loss_curve is None and "not recorded" in dict(facts.rows())["train loss"]
+
+
+def test_a_broken_model_card_leaves_the_losses_unrecorded(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path, model_card="---\ntraining_metrics: [unclosed\n---\n")
+    assert "not recorded" in dict(ModelFacts.of(tiny, tmp_path).rows())["held-out loss"]
