@@ -103,11 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         model = load_for_inference(args.model, device="auto", dtype=args.dtype, quantize=args.quantize)
         facts = serving.ModelFacts.of(model, args.model)
     except (CheckpointError, ValueError) as err:
+        origin = {os.environ.get("MODEL_ID"): "env MODEL_ID", str(ASSETS): "the default, assets/"}.get(args.model)
         sys.exit(
-            f"error: could not load a model from {args.model!r} (--model, else env MODEL_ID, else assets/):\n"
-            f"  {err}\n"
-            "Pass --model with a folder holding config.json + model.safetensors, a .safetensors / .pt file or "
-            "a Hub repo id (org/name), or train one: python train/train.py --preset cpu --out-dir out/cpu"
+            f"error: could not load a model from {args.model!r} ({origin or '--model'}):\n  {err}\n"
+            "Pass --model (or set MODEL_ID) to a folder with config.json + model.safetensors, a .safetensors / .pt "
+            "file or a Hub repo id (org/name); or train one with `python train/train.py --preset cpu --out-dir "
+            "out/cpu` and run `python app.py --model out/cpu/best`."
         )
     serving.warm_up(model)
     logging.info("serving %s: %s parameters, %s", args.model, f"{facts.parameters:,}", facts.precision)
