@@ -64,7 +64,8 @@ def _number(name: str, value, low: float, high: float, allowed: str, whole: bool
     """value as a number in [low, high]; JSON callers may send 20.0 for 20, so integral floats count as whole."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{name} must be {allowed}; got {type(value).__name__} {_shown(value)}")
-    if not math.isfinite(value) or not low <= value <= high or (whole and value != int(value)):
+    finite = not isinstance(value, float) or math.isfinite(value)  # math.isfinite(10**400) would overflow
+    if not finite or not low <= value <= high or (whole and value != int(value)):
         raise RequestError(f"{name} must be {allowed}; got {_shown(value)}")
     return int(value) if whole else float(value)
 

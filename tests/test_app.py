@@ -122,6 +122,7 @@ BAD_INPUTS = [
     ({"seed": 0.5}, "seed must be blank, -1"),
     ({"seed": "abc"}, "seed must be blank, -1"),
     ({"seed": True}, "seed must be blank, -1"),
+    ({"seed": 10**400}, "seed must be blank, -1"),
 ]
 
 

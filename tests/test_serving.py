@@ -34,9 +34,10 @@ def test_a_random_seed_is_drawn_and_recorded(tiny, seed):
 
 
 @pytest.mark.parametrize(
-    "name, value", [("max_new_tokens", math.nan), ("temperature", math.inf), ("top_p", -math.inf), ("top_k", None)]
+    "name, value",
+    [("max_new_tokens", math.nan), ("temperature", math.inf), ("top_p", -math.inf), ("top_k", None), ("seed", 10**400)],
 )
-def test_non_finite_and_missing_numbers_are_refused(tiny, name, value):
+def test_non_finite_huge_and_missing_numbers_are_refused(tiny, name, value):
     with pytest.raises(RequestError, match=f"{name} must be"):
         request(tiny, **{name: value})
 
