@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
@@ -134,17 +133,16 @@ def _read_weights(path: Path) -> tuple[dict, dict]:
     """The tensors of a .safetensors or .pt file, and any config hints stored with them."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".ckpt"):
+        raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or .pt")
     try:
         if path.suffix == ".safetensors":
             return load_file(path), {}
-        if path.suffix in (".pt", ".pth", ".ckpt"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or .pt")
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{path} is not a readable checkpoint ({err}); re-download or re-save it") from err
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged pickle raises almost any type (KeyError, UnpicklingError, ...)
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); re-download or re-save it"
+        ) from err
     hints = {}
     if isinstance(obj, dict):
         for key in ("model_args", "config"):

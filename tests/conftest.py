@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "input.txt"
@@ -9,3 +11,54 @@ DATA = SHARED / "data" / "input.txt"
 # Machines here have no internet: tiktoken reads its gpt2 files from ../shared when not told otherwise.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
 sys.path.insert(0, str(ROOT))
+
+
+def perturb(module, seed: int = 0):
+    """Add noise to every parameter so biases and layer-norm weights are not their zero / one
+    initial values: a weight mapped to the wrong name or orientation then changes the logits."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    return module.eval()
+
+
+@pytest.fixture
+def tiny_config():
+    """GPT-2's vocabulary (so the end-of-text token exists) in a 2-layer, 32-wide model whose
+    16-token context a short generation crosses."""
+    from model import GPTConfig
+
+    return GPTConfig.from_preset("tiny", block_size=16)
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    import torch
+
+    from model import GPT
+
+    torch.manual_seed(0)
+    return perturb(GPT(tiny_config))
+
+
+@pytest.fixture
+def hf_gpt2():
+    """Build a randomly initialised transformers.GPT2LMHeadModel with a GPTConfig's shape."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def build(config, seed: int = 0):
+        hf_config = GPT2Config(
+            vocab_size=config.vocab_size,
+            n_positions=config.block_size,
+            n_embd=config.n_embd,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+        )
+        torch.manual_seed(seed)
+        return perturb(GPT2LMHeadModel(hf_config), seed)
+
+    return build

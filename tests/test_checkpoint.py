@@ -1,0 +1,289 @@
+"""model/checkpoint.py (through GPT.from_pretrained / save_pretrained / push_to_hub) and
+model/inference.py: parity with transformers both ways, nanoGPT files, the Hub cache, errors."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import GPT2LMHeadModel
+
+from model import GPT, CheckpointError, load_for_inference, read_model_card_metrics, render_model_card
+from model.inference import pick_precision
+
+IDS = torch.tensor([[50256, 464, 3290, 373, 257, 1332, 13, 15, 31373, 995, 50255, 0]])  # ends of the vocabulary too
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(IDS)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def assert_same_logits(a, b, atol=1e-5):
+    diff = (logits_of(a) - logits_of(b)).abs().max().item()
+    assert diff <= atol, f"max abs logit difference {diff}"
+
+
+@pytest.fixture
+def saved(tiny_model, tmp_path):
+    """tiny_model saved in the Hugging Face layout."""
+    return tiny_model.save_pretrained(tmp_path / "saved")
+
+
+# Parity with transformers
+
+
+def test_transformers_checkpoint_loads_with_the_same_logits(tiny_config, hf_gpt2, tmp_path):
+    hf = hf_gpt2(tiny_config)
+    hf.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(tmp_path / "hf")
+    assert model.config == tiny_config.replace(dropout=hf.config.resid_pdrop)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert not model.training
+    assert_same_logits(model, hf)
+
+
+def test_saved_folder_loads_in_transformers_with_the_same_logits(tiny_model, saved):
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    hf, info = GPT2LMHeadModel.from_pretrained(saved, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.dtype == torch.float32
+    assert torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+    assert_same_logits(tiny_model, hf.eval())
+    assert json.loads((saved / "config.json").read_text())["n_positions"] == tiny_model.config.block_size
+
+
+def test_gpt2model_checkpoint_without_transformer_prefix_loads(tiny_config, hf_gpt2, tmp_path):
+    """openai-community/gpt2's model.safetensors: GPT2Model names (`h.0.attn...`, `wte.weight`),
+    no lm_head, and the old causal-mask buffers `h.N.attn.bias`."""
+    hf = hf_gpt2(tiny_config)
+    hf.config.save_pretrained(tmp_path / "gpt2")
+    tensors = {name.removeprefix("transformer."): t.contiguous() for name, t in hf.state_dict().items()}
+    del tensors["lm_head.weight"]
+    size = tiny_config.block_size
+    for layer in range(tiny_config.n_layer):
+        tensors[f"h.{layer}.attn.bias"] = torch.ones(1, 1, size, size).tril()
+    save_file(tensors, tmp_path / "gpt2" / "model.safetensors")
+    assert_same_logits(GPT.from_pretrained(tmp_path / "gpt2"), hf)
+
+
+# nanoGPT-style .pt files
+
+
+@pytest.mark.parametrize("as_folder", [False, True], ids=["file", "folder"])
+def test_nanogpt_pt_checkpoint_loads_with_the_same_logits(tiny_model, tmp_path, as_folder):
+    config = tiny_model.config
+    state = {
+        "model": {"_orig_mod." + name: t for name, t in tiny_model.state_dict().items()},
+        "model_args": dict(
+            n_layer=config.n_layer,
+            n_head=config.n_head,  # 2 heads of 16: not GPT-2's head size of 64, so it must be read
+            n_embd=config.n_embd,
+            block_size=config.block_size,
+            bias=True,
+            vocab_size=config.vocab_size,
+            dropout=0.0,
+        ),
+        "iter_num": 100,
+        "best_val_loss": 4.5,
+    }
+    path = tmp_path / "out" / "ckpt.pt"
+    path.parent.mkdir()
+    torch.save(state, path)
+    model = GPT.from_pretrained(path.parent if as_folder else path)
+    assert model.config == config
+    assert model.lm_head.weight is model.transformer.wte.weight
+    torch.testing.assert_close(logits_of(model), logits_of(tiny_model), atol=0, rtol=0)
+
+
+# Checkpoints that do not fit
+
+
+def rewrite(folder, change) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["transformer.h.1.mlp.c_fc.bias", "transformer.wpe.weight"])
+def test_wrong_shaped_tensor_is_named(saved, name):
+    rewrite(saved, lambda tensors: tensors.update({name: tensors[name][:-1].clone()}))
+    with pytest.raises(CheckpointError, match=rf"tensor {name} has shape"):
+        GPT.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("name", ["transformer.h.1.ln_2.weight", "transformer.h.0.attn.c_attn.weight"])
+def test_missing_tensor_is_named(saved, name):
+    rewrite(saved, lambda tensors: tensors.pop(name))
+    with pytest.raises(CheckpointError, match=rf"missing tensor {name}\b"):
+        GPT.from_pretrained(saved)
+
+
+def test_unexpected_tensor_is_named(saved):
+    rewrite(saved, lambda tensors: tensors.update({"transformer.h.2.ln_1.weight": torch.ones(32)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor transformer\.h\.2\.ln_1\.weight"):
+        GPT.from_pretrained(saved)
+
+
+def test_untied_output_head_is_refused(saved):
+    rewrite(saved, lambda tensors: tensors.update({"lm_head.weight": tensors["transformer.wte.weight"] * 2}))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
+        GPT.from_pretrained(saved)
+
+
+def truncate(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("model.safetensors", truncate),
+        ("model.safetensors", lambda data: b"\xff" * 64),
+        ("model.safetensors", lambda data: b""),
+        ("ckpt.pt", truncate),
+        ("ckpt.pt", lambda data: b"not a pickle at all, just text " * 4),
+        ("ckpt.pt", lambda data: b""),
+    ],
+    ids=["safetensors-truncated", "safetensors-garbage", "safetensors-empty", "pt-truncated", "pt-garbage", "pt-empty"],
+)
+def test_corrupt_file_raises_checkpoint_error(tiny_model, tmp_path, name, damage):
+    path = tmp_path / name
+    if name.endswith(".pt"):
+        torch.save({"model": tiny_model.state_dict()}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items() if k != "lm_head.weight"}, path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=rf"(?s){name} is not a readable checkpoint .*re-download or re-save"):
+        GPT.from_pretrained(path)
+
+
+def test_corrupt_config_raises_checkpoint_error(saved):
+    (saved / "config.json").write_text('{"n_layer": ')
+    with pytest.raises(CheckpointError, match="config.json is not a valid GPT-2 config"):
+        GPT.from_pretrained(saved)
+
+
+def test_missing_file_says_what_was_tried(tmp_path):
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    with pytest.raises(CheckpointError, match="not found: no such file or folder, and not a Hub repo id") as err:
+        GPT.from_pretrained(missing)
+    assert str(missing) in str(err.value)
+
+
+def test_folder_without_weights_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="holds no model.safetensors or .pt checkpoint"):
+        GPT.from_pretrained(tmp_path)
+
+
+# The Hub, offline
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline, empty Hugging Face cache under tmp_path (huggingface_hub reads the variables
+    at import, so its constants are patched too)."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return home / "hub"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("revision", ["", "@main", "@" + COMMIT])
+def test_hub_repo_id_resolves_from_the_local_cache(tiny_model, hub_cache, revision):
+    repo = hub_cache / "models--shakespeare--tiny-gpt"
+    tiny_model.save_pretrained(repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    model = GPT.from_pretrained("shakespeare/tiny-gpt" + revision)
+    assert model.config == tiny_model.config
+    torch.testing.assert_close(logits_of(model), logits_of(tiny_model), atol=0, rtol=0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("source", ["nobody/no-such-model", "nobody/no-such-model@v2"])
+def test_uncached_hub_repo_fails_with_a_clear_message(hub_cache, source):
+    with pytest.raises(CheckpointError) as err:
+        GPT.from_pretrained(source)
+    message = str(err.value)
+    assert repr(source) in message and "not in the local Hub cache" in message and "HF_HUB_OFFLINE" in message
+    assert "pass a local folder or .safetensors file" in message
+
+
+# Uploading
+
+
+def test_push_to_hub_sends_weights_config_and_model_card(tiny_model, tmp_path, monkeypatch, capsys, caplog):
+    from huggingface_hub import HfApi
+
+    token = "hf_secretTOKEN0123456789"
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = dict(kwargs, repo_id=repo_id, token=kwargs.get("token") or self.token)
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        calls["upload_folder"] = dict(kwargs, repo_id=repo_id, token=kwargs.get("token") or self.token)
+        shutil.copytree(folder_path, tmp_path / "sent")
+        return SimpleNamespace(commit_url="https://huggingface.co/someone/tiny/commit/abc")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    caplog.set_level("DEBUG")
+    url = tiny_model.push_to_hub("someone/tiny", private=True, token=token)
+
+    assert url == "https://huggingface.co/someone/tiny/commit/abc"
+    assert calls["create_repo"]["repo_id"] == calls["upload_folder"]["repo_id"] == "someone/tiny"
+    assert calls["create_repo"]["private"] is True and calls["create_repo"]["exist_ok"] is True
+    assert calls["create_repo"]["token"] == calls["upload_folder"]["token"] == token
+    sent = tmp_path / "sent"
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in sent.iterdir()}
+    card = (sent / "README.md").read_text()
+    assert card.startswith("---\n")
+    front_matter = yaml.safe_load(card.split("---\n")[1])
+    assert front_matter["license"] and front_matter["library_name"] == "transformers"
+    assert "text-generation" in front_matter["tags"] and front_matter["datasets"]
+    assert front_matter["pipeline_tag"] == "text-generation"
+    torch.testing.assert_close(logits_of(GPT.from_pretrained(sent)), logits_of(tiny_model), atol=0, rtol=0)
+    captured = capsys.readouterr()
+    assert token not in captured.out + captured.err + caplog.text
+
+
+def test_model_card_metrics_round_trip(tiny_model, tmp_path):
+    card = render_model_card(tiny_model.config, {"val_loss": 1.47, "step": 500})
+    folder = tiny_model.save_pretrained(tmp_path / "card", model_card=card)
+    assert read_model_card_metrics(folder) == {"val_loss": 1.47, "step": 500}
+    assert read_model_card_metrics(tmp_path) == {}
+
+
+# Loading for inference
+
+
+def test_load_for_inference_picks_float32_on_cpu(tiny_model, tmp_path):
+    folder = tiny_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = load_for_inference(folder, device="cpu")
+    assert model.device.type == "cpu"
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.precision == "float32"
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert pick_precision(torch.device("cpu")) == (torch.float32, "none")
+
+
+def test_load_for_inference_refuses_unknown_precision(saved):
+    with pytest.raises(ValueError, match="dtype must be auto or one of"):
+        load_for_inference(saved, device="cpu", dtype="float8")

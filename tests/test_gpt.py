@@ -1,0 +1,164 @@
+"""model/gpt.py and model/config.py: size, names, tying, forward, loss, initialisation, KV cache."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig
+
+LAYER_NAMES = [
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.c_attn.weight",
+    "attn.c_attn.bias",
+    "attn.c_proj.weight",
+    "attn.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+]
+
+
+def hf_names(n_layer: int) -> list[str]:
+    """transformers.GPT2LMHeadModel's state-dict names, in order."""
+    layers = [f"transformer.h.{i}.{name}" for i in range(n_layer) for name in LAYER_NAMES]
+    return ["transformer.wte.weight", "transformer.wpe.weight", *layers, "transformer.ln_f.weight"] + [
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    ]
+
+
+@pytest.fixture(scope="module")
+def gpt2_small():
+    with torch.device("meta"):
+        return GPT(GPTConfig())
+
+
+def test_gpt2_small_has_124m_parameters(gpt2_small):
+    assert sum(p.numel() for p in gpt2_small.parameters()) == 124_439_808
+    assert gpt2_small.num_parameters() == 124_439_808
+
+
+def test_parameter_names_are_hugging_face_gpt2_names(gpt2_small):
+    assert list(gpt2_small.state_dict()) == hf_names(12)
+    shapes = {name: tuple(t.shape) for name, t in gpt2_small.state_dict().items()}
+    assert shapes["transformer.wte.weight"] == (50257, 768)
+    assert shapes["transformer.wpe.weight"] == (1024, 768)
+    assert shapes["transformer.h.11.attn.c_attn.weight"] == (3 * 768, 768)  # nn.Linear (out, in)
+    assert shapes["transformer.h.11.mlp.c_fc.weight"] == (4 * 768, 768)
+    assert shapes["lm_head.weight"] == (50257, 768)
+
+
+def test_names_match_transformers(tiny_config, hf_gpt2):
+    hf_state = hf_gpt2(tiny_config).state_dict()
+    hf_weights = [name for name in hf_state if not name.endswith((".attn.bias", ".attn.masked_bias"))]
+    assert list(GPT(tiny_config).state_dict()) == hf_weights == hf_names(tiny_config.n_layer)
+
+
+def test_lm_head_is_tied_to_the_token_embedding(gpt2_small, tiny_model):
+    for model in (gpt2_small, tiny_model):
+        assert model.lm_head.weight is model.transformer.wte.weight
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        before, _ = tiny_model(idx)
+        tiny_model.transformer.wte.weight[7] += 1.0  # token 7 is neither input nor special
+        after, _ = tiny_model(idx)
+    changed = (after - before).abs().amax(dim=(0, 1))
+    assert changed[7] > 0.1 and changed[8] == 0
+
+
+def test_forward_returns_logits_and_mean_cross_entropy(tiny_model, tiny_config):
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, tiny_config.vocab_size, (3, 10), generator=generator)
+    targets = torch.randint(0, tiny_config.vocab_size, (3, 10), generator=generator)
+    with torch.no_grad():
+        logits, loss = tiny_model(idx)
+        assert logits.shape == (3, 10, tiny_config.vocab_size) and loss is None
+        logits_again, loss = tiny_model(idx, targets)
+    assert torch.equal(logits, logits_again)
+    expected = F.cross_entropy(logits.reshape(-1, tiny_config.vocab_size), targets.reshape(-1))
+    assert loss.shape == () and torch.allclose(loss, expected, atol=1e-6)
+    # a random model is close to uniform: loss near ln(vocab)
+    assert abs(loss.item() - math.log(tiny_config.vocab_size)) < 1.0
+
+
+def test_loss_ignores_targets_of_minus_one(tiny_model):
+    idx = torch.tensor([[5, 6, 7, 8]])
+    targets = torch.tensor([[6, 7, -1, -1]])
+    with torch.no_grad():
+        logits, loss = tiny_model(idx, targets)
+    expected = F.cross_entropy(logits[0, :2], targets[0, :2])
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_forward_is_causal(tiny_model):
+    """Changing a later token never changes the logits of earlier positions."""
+    with torch.no_grad():
+        a, _ = tiny_model(torch.tensor([[10, 11, 12, 13, 14]]))
+        b, _ = tiny_model(torch.tensor([[10, 11, 12, 99, 14]]))
+    assert torch.equal(a[0, :3], b[0, :3])
+    assert not torch.allclose(a[0, 3:], b[0, 3:])
+
+
+def test_longer_than_the_context_is_refused(tiny_model, tiny_config):
+    idx = torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="longer than the context"):
+        tiny_model(idx)
+
+
+def test_initialisation_follows_gpt2():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=256)
+    model = GPT(config)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    for name, param in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert param.std().item() == pytest.approx(residual_std, rel=0.05), name
+            assert abs(param.mean().item()) < residual_std / 20, name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert param.std().item() == pytest.approx(0.02, rel=0.05), name
+            assert abs(param.mean().item()) < 0.001, name
+        elif name.endswith(".bias"):
+            assert torch.all(param == 0), name
+        else:
+            assert name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")), name
+            assert torch.all(param == 1), name
+
+
+def test_cached_chunks_give_the_full_forward_logits(tiny_model):
+    """Prefill, then a multi-token chunk, then single tokens through the KV cache: every last
+    position's logits equal those of one forward pass over the whole sequence."""
+    idx = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
+    with torch.no_grad():
+        full, _ = tiny_model(idx)
+        cache = tiny_model.new_kv_cache()
+        for start, end in [(0, 5), (5, 8), (8, 9), (9, 11)]:
+            last = tiny_model.next_token_logits(idx[:, start:end], cache)
+            assert cache.length == end
+            torch.testing.assert_close(last, full[:, end - 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(n_embd=30, n_head=4), "divisible"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(block_size=16.0), "block_size"),
+    ],
+)
+def test_bad_config_is_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**fields)
+
+
+def test_presets():
+    assert GPTConfig.from_preset("gpt2") == GPTConfig()
+    assert GPTConfig.from_preset("tiny", n_layer=3, n_head=None).n_layer == 3
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*cpu-small"):
+        GPTConfig.from_preset("huge")
