@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -11,13 +12,14 @@ DATA = SHARED / "data" / "input.txt"
 # Machines here have no internet: tiktoken reads its gpt2 files from ../shared when not told otherwise.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
 sys.path.insert(0, str(ROOT))
+# The models under test are tiny: one thread avoids spin-waiting against other work on a 2-core
+# machine (a training run beside the tests made them 50x slower with two threads).
+torch.set_num_threads(1)
 
 
 def perturb(module, seed: int = 0):
     """Add noise to every parameter so biases and layer-norm weights are not their zero / one
     initial values: a weight mapped to the wrong name or orientation then changes the logits."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in module.parameters():
@@ -36,8 +38,6 @@ def tiny_config():
 
 @pytest.fixture
 def tiny_model(tiny_config):
-    import torch
-
     from model import GPT
 
     torch.manual_seed(0)
@@ -47,7 +47,6 @@ def tiny_model(tiny_config):
 @pytest.fixture
 def hf_gpt2():
     """Build a randomly initialised transformers.GPT2LMHeadModel with a GPTConfig's shape."""
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     def build(config, seed: int = 0):
