@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import perturb
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
@@ -74,17 +75,21 @@ def test_gpt2model_checkpoint_without_transformer_prefix_loads(tiny_config, hf_g
 # nanoGPT-style .pt files
 
 
-@pytest.mark.parametrize("as_folder", [False, True], ids=["file", "folder"])
-def test_nanogpt_pt_checkpoint_loads_with_the_same_logits(tiny_model, tmp_path, as_folder):
-    config = tiny_model.config
+@pytest.mark.parametrize(
+    "as_folder, bias", [(False, True), (True, True), (False, False)], ids=["file", "folder", "no-bias"]
+)
+def test_nanogpt_pt_checkpoint_loads_with_the_same_logits(tiny_config, tmp_path, as_folder, bias):
+    config = tiny_config.replace(bias=bias)  # nanoGPT trains without biases by default
+    torch.manual_seed(0)
+    source = perturb(GPT(config))
     state = {
-        "model": {"_orig_mod." + name: t for name, t in tiny_model.state_dict().items()},
+        "model": {"_orig_mod." + name: t for name, t in source.state_dict().items()},
         "model_args": dict(
             n_layer=config.n_layer,
             n_head=config.n_head,  # 2 heads of 16: not GPT-2's head size of 64, so it must be read
             n_embd=config.n_embd,
             block_size=config.block_size,
-            bias=True,
+            bias=bias,
             vocab_size=config.vocab_size,
             dropout=0.0,
         ),
@@ -97,7 +102,12 @@ def test_nanogpt_pt_checkpoint_loads_with_the_same_logits(tiny_model, tmp_path, 
     model = GPT.from_pretrained(path.parent if as_folder else path)
     assert model.config == config
     assert model.lm_head.weight is model.transformer.wte.weight
-    torch.testing.assert_close(logits_of(model), logits_of(tiny_model), atol=0, rtol=0)
+    torch.testing.assert_close(logits_of(model), logits_of(source), atol=0, rtol=0)
+
+
+def test_a_model_without_biases_cannot_take_the_transformers_layout(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match="needs bias=True"):
+        GPT(tiny_config.replace(bias=False)).save_pretrained(tmp_path)
 
 
 # Checkpoints that do not fit
