@@ -41,8 +41,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def app_env() -> dict[str, str]:
+def app_env(threads: int | None = None) -> dict[str, str]:
+    """The environment to run app.py in: offline tokenizer files, no Space settings, and
+    optionally a fixed number of torch threads."""
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken-cache"))
     for name in ("SPACE_ID", "MODEL_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
         env.pop(name, None)
@@ -74,7 +78,8 @@ def running_app(*args: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "app.log"
         with open(log, "w") as out:
-            process = subprocess.Popen(command, cwd=ROOT, env=app_env(), stdout=out, stderr=subprocess.STDOUT)
+            # one thread, like the test process (conftest): same arithmetic, no spin-waiting beside other work
+            process = subprocess.Popen(command, cwd=ROOT, env=app_env(threads=1), stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_up(url, process, log)
