@@ -390,11 +390,6 @@ class Trainer:
         n_val = int(len(tokens) * config.val_fraction)
         self.train_tokens = tokens[: len(tokens) - n_val].to(machine.device)
         self.val_tokens = tokens[len(tokens) - n_val :].to(machine.device)
-        if n_val and len(self.val_tokens) <= config.block_size:
-            raise SystemExit(
-                f"error: the held-out split has only {n_val} tokens, fewer than --block-size "
-                f"{config.block_size} + 1; use more data or --val-fraction 0"
-            )
         self.micro_batch = config.micro_batch_size or max(1, config.batch_size // machine.world_size)
         self.accum_steps = config.batch_size // (self.micro_batch * machine.world_size)
         if self.accum_steps * self.micro_batch * machine.world_size != config.batch_size:
@@ -403,6 +398,12 @@ class Trainer:
                 f"{self.micro_batch} x {machine.world_size} processes"
             )
         self.batches = Batches(self.train_tokens, config.block_size, config.batch_size, config.seed)
+        # checked after the training split, so a file too short for anything says "too short for one batch"
+        if n_val and len(self.val_tokens) <= config.block_size:
+            raise SystemExit(
+                f"error: the held-out split has only {n_val} tokens, fewer than --block-size "
+                f"{config.block_size} + 1; use more data or --val-fraction 0"
+            )
 
         torch.manual_seed(config.seed)
         if config.init:
