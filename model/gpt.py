@@ -106,8 +106,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(param)
 
     def num_parameters(self) -> int:
-        """Parameter count, the tied embedding / output head counted once."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameter count of this config, the tied embedding / output head counted once (counted on
+        a fresh meta-device copy, so a model whose layers were swapped for int8 ones counts the same)."""
+        with torch.device("meta"):
+            return sum(p.numel() for p in GPT(self.config).parameters())
 
     @property
     def device(self) -> torch.device:

@@ -23,18 +23,25 @@ def _check(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set to -inf every logit outside the top k and outside the smallest set whose
-    probability reaches top_p (the most likely token always stays)."""
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
+) -> int:
+    """Draw a token from softmax(logits / temperature), restricted to the top_k most likely and to
+    the smallest set whose probability reaches top_p (the most likely token always stays).
+    Temperature 0 or top_k 1 is greedy. Only the candidates are sorted and sampled, not the vocabulary."""
+    if temperature == 0 or top_k == 1:
+        return int(logits.argmax())
+    logits, candidates = logits / temperature, None
+    if top_k and top_k < logits.numel():
+        logits, candidates = torch.topk(logits, top_k)  # sorted, most likely first
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already enough
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+        if candidates is None:
+            logits, candidates = torch.sort(logits, descending=True)
+        probs = logits.softmax(-1)
+        keep = int((probs.cumsum(-1) - probs < top_p).sum())  # mass before a token not yet enough
+        logits, candidates = logits[:keep], candidates[:keep]
+    choice = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return choice if candidates is None else int(candidates[choice])
 
 
 @torch.inference_mode()
@@ -78,11 +85,7 @@ def generate(
     try:
         logits = prefill(tokens[-block_size:])
         for step in range(max_new_tokens):
-            if temperature == 0 or top_k == 1:
-                token = int(logits.argmax())
-            else:
-                filtered = filter_logits(logits / temperature, top_k, top_p)
-                token = int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
+            token = sample_token(logits, temperature, top_k, top_p, generator)
             yield token
             if token == EOT_TOKEN or step == max_new_tokens - 1:
                 return

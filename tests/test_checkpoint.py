@@ -1,5 +1,5 @@
-"""model/checkpoint.py (through GPT.from_pretrained / save_pretrained / push_to_hub) and
-model/inference.py: parity with transformers both ways, nanoGPT files, the Hub cache, errors."""
+"""model/checkpoint.py (through GPT.from_pretrained / save_pretrained / push_to_hub): parity with
+transformers both ways, nanoGPT files, the Hub cache, errors."""
 
 import json
 import shutil
@@ -12,8 +12,7 @@ from conftest import perturb
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
-from model import GPT, CheckpointError, load_for_inference, read_model_card_metrics, render_model_card
-from model.inference import pick_precision
+from model import GPT, CheckpointError, read_model_card_metrics, render_model_card
 
 IDS = torch.tensor([[50256, 464, 3290, 373, 257, 1332, 13, 15, 31373, 995, 50255, 0]])  # ends of the vocabulary too
 
@@ -278,22 +277,3 @@ def test_model_card_metrics_round_trip(tiny_model, tmp_path):
     folder = tiny_model.save_pretrained(tmp_path / "card", model_card=card)
     assert read_model_card_metrics(folder) == {"val_loss": 1.47, "step": 500}
     assert read_model_card_metrics(tmp_path) == {}
-
-
-# Loading for inference
-
-
-def test_load_for_inference_picks_float32_on_cpu(tiny_model, tmp_path):
-    folder = tiny_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    model = load_for_inference(folder, device="cpu")
-    assert model.device.type == "cpu"
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert model.precision == "float32"
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert pick_precision(torch.device("cpu")) == (torch.float32, "none")
-
-
-def test_load_for_inference_refuses_unknown_precision(saved):
-    with pytest.raises(ValueError, match="dtype must be auto or one of"):
-        load_for_inference(saved, device="cpu", dtype="float8")

@@ -1,0 +1,89 @@
+"""model/inference.py: the precision chosen for serving, int8 and bf16 models that keep the fp32
+model's predictions, and the CPU thread count."""
+
+import json
+import os
+
+import pytest
+import torch
+from test_generate import PROMPT, greedy_by_recomputation, make_varied
+
+from model import generate, load_for_inference
+from model import inference as inference_module
+from model.inference import Int8Linear, cpu_threads, pick_precision
+
+CPU = torch.device("cpu")
+IDS = torch.tensor([[50256, 464, 3290, 373, 257, 1332, 13, 15, 31373, 995, 50255, 0]])
+
+
+@pytest.fixture
+def saved(tiny_model, tmp_path):
+    return make_varied(tiny_model).save_pretrained(tmp_path / "saved")
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(IDS)[0].float()
+
+
+def test_cpu_default_is_int8_weights_with_fp32_activations(saved):
+    assert pick_precision(CPU) == (torch.float32, "int8")
+    model = load_for_inference(saved, device="cpu")
+    assert model.precision == "float32+int8"
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [] and isinstance(model.lm_head, Int8Linear)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * model.config.n_layer + 1
+    assert model.transformer.wte.weight.dtype == torch.float32
+    assert model.num_parameters() == load_for_inference(saved, device="cpu", quantize="none").num_parameters()
+
+
+# int8 quantises activations per call with one scale for the whole input, so a prefilled position
+# differs slightly from the same position run alone: only bf16 matches recomputation token for token.
+@pytest.mark.parametrize(
+    "options, matches_recomputation",
+    [(dict(quantize="int8"), False), (dict(dtype="bfloat16"), True)],
+    ids=["int8", "bf16"],
+)
+def test_low_precision_keeps_the_predictions(saved, options, matches_recomputation):
+    reference = load_for_inference(saved, device="cpu", quantize="none")
+    model = load_for_inference(saved, device="cpu", **options)
+    expected, got = logits_of(reference).log_softmax(-1), logits_of(model).log_softmax(-1)
+    divergence = torch.nn.functional.kl_div(got, expected, log_target=True, reduction="none").sum(-1)
+    assert divergence.max() < 0.02  # nats per position
+    greedy = list(generate(model, PROMPT, 20, temperature=0))
+    assert len(greedy) == 20
+    if matches_recomputation:
+        assert greedy == greedy_by_recomputation(model, PROMPT, 20)
+    assert len(list(generate(model, PROMPT, 20, temperature=0.8, top_k=50, seed=1))) == 20
+
+
+def test_fp32_on_request_and_without_int8_kernels(saved, monkeypatch):
+    model = load_for_inference(saved, device="cpu", quantize="none")
+    assert model.precision == "float32" and model.lm_head.weight is model.transformer.wte.weight
+    assert pick_precision(CPU, dtype="bfloat16") == (torch.bfloat16, "none")
+    monkeypatch.setattr(inference_module, "int8_supported", lambda: False)
+    assert pick_precision(CPU) == (torch.float32, "none")
+
+
+def test_a_bf16_checkpoint_loads_in_the_precision_asked_for(tiny_model, tmp_path):
+    folder = tiny_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = load_for_inference(folder, device="cpu", quantize="none")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(dtype="float8"), "dtype must be auto or one of"),
+        (dict(quantize="int4"), "quantize must be auto or one of"),
+        (dict(dtype="bfloat16", quantize="int8"), "use it with --dtype float32"),
+    ],
+)
+def test_unknown_or_conflicting_precision_is_refused(saved, options, message):
+    with pytest.raises(ValueError, match=message):
+        load_for_inference(saved, device="cpu", **options)
+
+
+def test_cpu_threads_are_the_cpus_this_process_may_use():
+    assert 1 <= cpu_threads() <= os.cpu_count()
