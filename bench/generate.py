@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import GPT, GPTConfig, generate, load_for_inference, load_tokenizer  # noqa: E402
-from model.inference import Int8Linear, cpu_threads  # noqa: E402
+from model.inference import cpu_threads  # noqa: E402
 
 PRECISIONS = {"fp32": dict(dtype="float32", quantize="none"), "bf16": dict(dtype="bfloat16", quantize="none")}
 PRECISIONS["int8"] = dict(dtype="float32", quantize="int8")
@@ -50,7 +50,7 @@ def bytes_per_token(model: GPT) -> int:
     each embedding table; the tied head reads the whole token embedding."""
     total = 0
     for module in model.modules():
-        if isinstance(module, Int8Linear):
+        if hasattr(module, "weight_bytes"):  # the int8 and packed bf16 layers of model.inference
             total += module.weight_bytes
         elif isinstance(module, (nn.Linear, nn.LayerNorm)):
             total += sum(p.nbytes for p in module.parameters(recurse=False))

@@ -10,7 +10,7 @@ from test_generate import PROMPT, greedy_by_recomputation, make_varied
 
 from model import generate, load_for_inference
 from model import inference as inference_module
-from model.inference import Int8Linear, cpu_threads, pick_precision
+from model.inference import Int8Linear, PackedBF16Linear, cpu_threads, onednn_bf16_supported, pick_precision
 
 CPU = torch.device("cpu")
 IDS = torch.tensor([[50256, 464, 3290, 373, 257, 1332, 13, 15, 31373, 995, 50255, 0]])
@@ -55,6 +55,16 @@ def test_low_precision_keeps_the_predictions(saved, options, matches_recomputati
     if matches_recomputation:
         assert greedy == greedy_by_recomputation(model, PROMPT, 20)
     assert len(list(generate(model, PROMPT, 20, temperature=0.8, top_k=50, seed=1))) == 20
+
+
+def test_bf16_on_the_cpu_runs_through_onednn_packed_layers(saved):
+    if not onednn_bf16_supported():
+        pytest.skip("this PyTorch build has no oneDNN")
+    model = load_for_inference(saved, device="cpu", dtype="bfloat16")
+    assert model.precision == "bfloat16" and isinstance(model.lm_head, PackedBF16Linear)
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = torch.randn(1, 3, model.config.n_embd).to(torch.bfloat16)
+    assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, model.transformer.wte.weight))
 
 
 def test_fp32_on_request_and_without_int8_kernels(saved, monkeypatch):
