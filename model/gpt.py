@@ -18,9 +18,10 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype) -> None:
         head_size = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, config.block_size, head_size)
+        # one tensor per layer, so a step indexes a Python list instead of running tensor ops
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # positions filled so far
 
 
@@ -37,18 +38,18 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         mask, is_causal = None, T > 1
         if cache is not None:
-            start = cache.length
-            cache.keys[layer, :, :, start : start + T] = k
-            cache.values[layer, :, :, start : start + T] = v
-            k = cache.keys[layer, :, :, : start + T]
-            v = cache.values[layer, :, :, : start + T]
+            start, keys, values = cache.length, cache.keys[layer], cache.values[layer]
+            keys[:, :, start : start + T] = k
+            values[:, :, start : start + T] = v
+            k, v = keys[:, :, : start + T], values[:, :, : start + T]
             if start and T > 1:  # a chunk after cached positions: each query sees its own prefix
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
                 is_causal = False
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return F.dropout(self.c_proj(y), dropout, self.training)
+        y = self.c_proj(y)
+        return F.dropout(y, dropout) if self.training else y
 
 
 class MLP(nn.Module):
@@ -56,10 +57,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return F.dropout(y, self.dropout) if self.training else y
 
 
 class Block(nn.Module):
