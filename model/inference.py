@@ -8,7 +8,6 @@ quantised on the fly, and its kernel reads the weights near the machine's bandwi
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -17,8 +16,6 @@ import torch
 import torch.nn as nn
 
 from .gpt import GPT
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZE = ("none", "int8")
