@@ -21,17 +21,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANTIZE = ("none", "int8")
 
 
+def cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPUs a cgroup CPU quota allows (v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), or None without one."""
+    try:
+        try:
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+        except OSError:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        return None if quota in ("max", "-1") else max(1, int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
+
+
 def cpu_threads() -> int:
     """The CPUs this process may really use: its affinity, capped by a cgroup CPU quota (a container
     on a 2-vCPU Space can see every core of the host, and more threads than CPUs only spin)."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            available = min(available, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, available)
+    return max(1, min(available, cgroup_cpus() or available))
 
 
 def use_cpu_threads() -> int:

@@ -10,7 +10,14 @@ from test_generate import PROMPT, greedy_by_recomputation, make_varied
 
 from model import generate, load_for_inference
 from model import inference as inference_module
-from model.inference import Int8Linear, PackedBF16Linear, cpu_threads, onednn_bf16_supported, pick_precision
+from model.inference import (
+    Int8Linear,
+    PackedBF16Linear,
+    cgroup_cpus,
+    cpu_threads,
+    onednn_bf16_supported,
+    pick_precision,
+)
 
 CPU = torch.device("cpu")
 IDS = torch.tensor([[50256, 464, 3290, 373, 257, 1332, 13, 15, 31373, 995, 50255, 0]])
@@ -97,3 +104,16 @@ def test_unknown_or_conflicting_precision_is_refused(saved, options, message):
 
 def test_cpu_threads_are_the_cpus_this_process_may_use():
     assert 1 <= cpu_threads() <= os.cpu_count()
+
+
+def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path):
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "cpu.max").write_text("200000 100000\n")
+    assert cgroup_cpus(tmp_path / "v2") == 2
+    (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpus(tmp_path / "v2") is None
+    (tmp_path / "v1" / "cpu").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpus(tmp_path / "v1") == 1
+    assert cgroup_cpus(tmp_path / "none") is None
