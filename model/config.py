@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 # "tiny" is for tests.
 PRESETS: dict[str, dict] = {
     "gpt2": {},
-    "cpu-small": dict(block_size=256, n_layer=4, n_head=4, n_embd=128),
+    "cpu-small": dict(block_size=256, n_layer=6, n_head=4, n_embd=128),
     "tiny": dict(block_size=64, n_layer=2, n_head=2, n_embd=32),
 }
 
