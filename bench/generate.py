@@ -203,12 +203,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    tokens = held_out_tokens(Path(args.data)).tolist()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = build_weights(args.model, Path(tmp))
-        block_size = GPT.from_pretrained(folder).config.block_size
-        prompts = {n: tokens[:n] for n in args.prompt_lengths if n + args.new_tokens <= block_size}
-        if not args.skip_speed:
+    if not args.skip_speed:
+        tokens = held_out_tokens(Path(args.data)).tolist()
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = build_weights(args.model, Path(tmp))
+            block_size = GPT.from_pretrained(folder).config.block_size
+            prompts = {n: tokens[:n] for n in args.prompt_lengths if n + args.new_tokens <= block_size}
             speed(args, folder, prompts, read_bandwidth())
     quality(args, args.quality_model or [str(ROOT / "assets"), *([args.model] if args.model else [])])
 

@@ -117,7 +117,7 @@ PRESETS: dict[str, dict] = {
         eval_interval=100,
         checkpoint_interval=100,
         log_interval=10,
-        # 2.5x the tokens/s of eager fp32 on a 2-core CPU (bench/train_throughput.py)
+        # 2.1x the tokens/s of eager fp32 on a 2-core CPU (bench/train_throughput.py)
         dtype="bfloat16",
         compile="true",
     ),
