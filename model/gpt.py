@@ -125,8 +125,9 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens is longer than the context ({self.config.block_size}); "
                 "crop it to the last block_size tokens"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx) + self.transformer.wpe.weight[start : start + T]  # positions are a slice
+        if self.training:
+            x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
         if cache is not None:
