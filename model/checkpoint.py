@@ -229,11 +229,19 @@ def _atomic_write(path: Path, write) -> None:
 def save_folder(model, folder: str | Path, model_card: str | None = None) -> Path:
     if not model.config.bias:
         raise ValueError("the Hugging Face GPT-2 layout needs bias=True")
+    state = model.state_dict()
+    with torch.device("meta"):
+        missing = [name for name in type(model)(model.config).state_dict() if name not in state]
+    if missing:  # e.g. a model from load_for_inference, whose Linear layers are int8 or prepacked
+        raise ValueError(
+            f"cannot save: the model has no {missing[0]} tensor ({len(missing)} missing); layers replaced for "
+            "serving (int8, packed bf16) are not saveable: save the model GPT.from_pretrained returns"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
         name: (t.t() if name.endswith(CONV1D_SUFFIXES) else t).detach().to("cpu").contiguous()
-        for name, t in model.state_dict().items()
+        for name, t in state.items()
         if name != "lm_head.weight"  # tied: transformers re-ties it on load
     }
     dtype = model.transformer.wte.weight.dtype

@@ -117,3 +117,10 @@ def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path):
     (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert cgroup_cpus(tmp_path / "v1") == 1
     assert cgroup_cpus(tmp_path / "none") is None
+
+
+def test_a_model_loaded_for_serving_refuses_to_save_an_incomplete_checkpoint(saved, tmp_path):
+    model = load_for_inference(saved, device="cpu", quantize="int8")
+    with pytest.raises(ValueError, match=r"cannot save: the model has no transformer\.h\.0\.attn\.c_attn\.weight"):
+        model.save_pretrained(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
