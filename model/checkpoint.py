@@ -231,12 +231,14 @@ def save_folder(model, folder: str | Path, model_card: str | None = None) -> Pat
         raise ValueError("the Hugging Face GPT-2 layout needs bias=True")
     state = model.state_dict()
     with torch.device("meta"):
-        missing = [name for name in type(model)(model.config).state_dict() if name not in state]
-    if missing:  # e.g. a model from load_for_inference, whose Linear layers are int8 or prepacked
+        expected = type(model)(model.config).state_dict()
+    try:  # a model from load_for_inference has int8 or prepacked layers in place of its Linear weights
+        check_state_dict(state, expected)
+    except CheckpointError as err:
         raise ValueError(
-            f"cannot save: the model has no {missing[0]} tensor ({len(missing)} missing); layers replaced for "
-            "serving (int8, packed bf16) are not saveable: save the model GPT.from_pretrained returns"
-        )
+            f"cannot save: {err}\nLayers replaced for serving (int8, packed bf16) cannot be saved: "
+            "save the model GPT.from_pretrained returns"
+        ) from None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {

@@ -121,6 +121,6 @@ def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path):
 
 def test_a_model_loaded_for_serving_refuses_to_save_an_incomplete_checkpoint(saved, tmp_path):
     model = load_for_inference(saved, device="cpu", quantize="int8")
-    with pytest.raises(ValueError, match=r"cannot save: the model has no transformer\.h\.0\.attn\.c_attn\.weight"):
+    with pytest.raises(ValueError, match=r"(?s)cannot save: .*missing tensor transformer\.h\.0\.attn\.c_attn\.weight"):
         model.save_pretrained(tmp_path / "int8")
     assert not (tmp_path / "int8").exists()
