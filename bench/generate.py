@@ -20,17 +20,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import GPT, GPTConfig, generate, load_for_inference, load_tokenizer  # noqa: E402
+from model import GPT, GPTConfig, generate, load_for_inference  # noqa: E402
 from model.inference import cpu_threads  # noqa: E402
+from train.train import load_tokens, parse_config, split_held_out  # noqa: E402
 
-PRECISIONS = {"fp32": dict(dtype="float32", quantize="none"), "bf16": dict(dtype="bfloat16", quantize="none")}
-PRECISIONS["int8"] = dict(dtype="float32", quantize="int8")
+PRECISIONS = {
+    "fp32": dict(dtype="float32", quantize="none"),
+    "bf16": dict(dtype="bfloat16", quantize="none"),
+    "int8": dict(dtype="float32", quantize="int8"),
+}
 MODES = {"greedy": dict(temperature=0.0, top_k=None), "sampled": dict(temperature=0.8, top_k=50)}
 
 
@@ -65,8 +70,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def held_out_tokens(data: Path) -> torch.Tensor:
-    tokens = load_tokenizer().encode_ordinary(data.read_text(encoding="utf-8"))
-    return torch.tensor(tokens[len(tokens) - int(len(tokens) * 0.1) :])
+    """The trainer's held-out tokens of the text (its default split, the last 10%)."""
+    config = parse_config(["--data", str(data)])
+    return torch.from_numpy(split_held_out(load_tokens(config), config.val_fraction)[1].astype(np.int64))
 
 
 @torch.inference_mode()

@@ -241,6 +241,12 @@ def load_tokens(config: TrainConfig) -> np.ndarray:
     return tokens
 
 
+def split_held_out(tokens, val_fraction: float):
+    """(training, held-out) tokens: the held-out split is the last val_fraction of the text."""
+    n_val = int(len(tokens) * val_fraction)
+    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+
+
 class Batches:
     """Deterministic epochs of non-overlapping windows: epoch e shuffles the windows that start at
     a random offset, both drawn from (seed, e), so a (epoch, index) position resumes exactly."""
@@ -389,9 +395,9 @@ class Trainer:
             if not get_token():
                 raise SystemExit("error: --push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
         tokens = torch.from_numpy(load_tokens(config).astype(np.int32))
-        n_val = int(len(tokens) * config.val_fraction)
-        self.train_tokens = tokens[: len(tokens) - n_val].to(machine.device)
-        self.val_tokens = tokens[len(tokens) - n_val :].to(machine.device)
+        train_tokens, val_tokens = split_held_out(tokens, config.val_fraction)
+        self.train_tokens, self.val_tokens = train_tokens.to(machine.device), val_tokens.to(machine.device)
+        n_val = len(val_tokens)
         self.micro_batch = config.micro_batch_size or max(1, config.batch_size // machine.world_size)
         self.accum_steps = config.batch_size // (self.micro_batch * machine.world_size)
         if self.accum_steps * self.micro_batch * machine.world_size != config.batch_size:
