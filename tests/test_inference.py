@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from test_checkpoint import logits_of
 from test_generate import PROMPT, greedy_by_recomputation, make_varied
 
 from model import generate, load_for_inference
@@ -20,17 +21,11 @@ from model.inference import (
 )
 
 CPU = torch.device("cpu")
-IDS = torch.tensor([[50256, 464, 3290, 373, 257, 1332, 13, 15, 31373, 995, 50255, 0]])
 
 
 @pytest.fixture
 def saved(tiny_model, tmp_path):
     return make_varied(tiny_model).save_pretrained(tmp_path / "saved")
-
-
-def logits_of(model) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(IDS)[0].float()
 
 
 def test_cpu_default_is_int8_weights_with_fp32_activations(saved):
@@ -54,7 +49,7 @@ def test_cpu_default_is_int8_weights_with_fp32_activations(saved):
 def test_low_precision_keeps_the_predictions(saved, options, matches_recomputation):
     reference = load_for_inference(saved, device="cpu", quantize="none")
     model = load_for_inference(saved, device="cpu", **options)
-    expected, got = logits_of(reference).log_softmax(-1), logits_of(model).log_softmax(-1)
+    expected, got = (logits_of(m).float().log_softmax(-1) for m in (reference, model))
     divergence = torch.nn.functional.kl_div(got, expected, log_target=True, reduction="none").sum(-1)
     assert divergence.max() < 0.02  # nats per position
     greedy = list(generate(model, PROMPT, 20, temperature=0))
