@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(model, facts: serving.ModelFacts) -> gr.Blocks:
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
     block_size = model.config.block_size
 
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed):

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from model import GPT, GPTConfig, generate, load_for_inference  # noqa: E402
 from model.inference import cpu_threads  # noqa: E402
-from train.train import load_tokens, parse_config, split_held_out  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.data import load_tokens, split_held_out  # noqa: E402
 
 PRECISIONS = {
     "fp32": dict(dtype="float32", quantize="none"),
@@ -71,8 +72,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def held_out_tokens(data: Path) -> torch.Tensor:
     """The trainer's held-out tokens of the text (its default split, the last 10%)."""
-    config = parse_config(["--data", str(data)])
-    return torch.from_numpy(split_held_out(load_tokens(config), config.val_fraction)[1].astype(np.int64))
+    config = TrainConfig(data=str(data))
+    tokens = load_tokens(config.data, config.cache_dir)
+    return torch.from_numpy(split_held_out(tokens, config.val_fraction)[1].astype(np.int64))
 
 
 @torch.inference_mode()

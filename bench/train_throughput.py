@@ -19,8 +19,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import GPT, GPTConfig  # noqa: E402
-from train.train import Trainer, parse_config, peak_flops, setup_machine  # noqa: E402
+from model import GPT  # noqa: E402
+from train.config import parse_config  # noqa: E402
+from train.machine import setup_machine  # noqa: E402
+from train.trainer import Trainer  # noqa: E402
 
 VARIANTS = {
     "eager fp32 (baseline)": dict(dtype="float32", compile="false"),
@@ -52,7 +54,7 @@ def time_variant(argv: list[str], overrides: dict, steps: int, warmup: int) -> f
     for inputs, targets in batches[warmup:]:
         loss, _ = trainer.optimizer_step(inputs, targets)
     float(loss)  # wait for the device
-    return steps * config.batch_size * config.block_size / (time.perf_counter() - start)
+    return steps * config.batch_size * trainer.seq_len / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -62,16 +64,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
-    argv = ["--preset", args.preset, "--data", args.data, "--out-dir", "/tmp/bench-train", "--dropout", "0"]
+    argv = ["--preset", args.preset, "--data", args.data, "--dropout", "0"]
     config = parse_config(argv)
     machine = setup_machine(config)
-    shape = GPTConfig(block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
+    shape, seq_len = config.gpt_config(), config.sequence_length
     with torch.device("meta"):
         n_params = GPT(shape).num_parameters()
-    flops_per_token = 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
-    peak = peak_flops(machine.device) or matmul_flops(machine.device)
+    flops_per_token = 6 * n_params + 12 * shape.n_layer * shape.n_embd * seq_len
+    peak = machine.peak_flops() or matmul_flops(machine.device)
     print(
-        f"preset {args.preset}: {n_params:,} parameters, batch {config.batch_size} x {config.block_size}, "
+        f"preset {args.preset}: {n_params:,} parameters, batch {config.batch_size} x {seq_len}, "
         f"{torch.get_num_threads()} threads, peak {peak / 1e9:.0f} GFLOP/s ({machine.device})"
     )
     print(f"{'variant':<24} {'tokens/s':>10} {'MFU':>7} {'vs baseline':>12}")

@@ -6,11 +6,13 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import tokenizer
 from .config import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -173,7 +175,7 @@ def _download(repo: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     repo_id, _, revision = repo.partition("@")
-    patterns = ["*.json", "*.safetensors", "*.pt", "*.md", "*.png"]
+    patterns = ["*.json", "*.txt", "*.safetensors", "*.pt", "*.md", "*.png"]
     try:
         return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns))
     except LocalEntryNotFoundError as err:
@@ -220,13 +222,51 @@ def load_checkpoint(source: str | Path) -> tuple[GPTConfig, dict]:
     return config, state_dict
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | Path, write) -> Path:
+    """Write a file through write(tmp_path), then rename it over path: a kill or a full disk never
+    leaves a half-written file. The file gets the usual mode (0644 under the default umask)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_tokenizer_files(folder: str | Path, model_max_length: int) -> None:
+    """The Hugging Face GPT-2 tokenizer files (vocab.json, merges.txt, tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json), so `AutoTokenizer.from_pretrained(folder)` and
+    `pipeline("text-generation", model=folder)` work offline, and load_tokenizer(folder) reads them."""
+    folder = Path(folder)
+    for name in (tokenizer.VOCAB_NAME, tokenizer.MERGES_NAME, tokenizer.TOKENIZER_JSON_NAME):
+        atomic_write(folder / name, lambda p, name=name: shutil.copyfile(tokenizer.PACKAGED / name, p))
+    eot = tokenizer.EOT_TEXT
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    added = {"content": eot, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    config = {
+        **special,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,  # decode exactly as tiktoken does
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "tokenizer_class": "GPT2Tokenizer",
+        "added_tokens_decoder": {str(tokenizer.EOT_TOKEN): {**added, "special": True}},
+    }
+    for name, content in ((tokenizer.TOKENIZER_CONFIG_NAME, config), (tokenizer.SPECIAL_TOKENS_NAME, special)):
+        text = json.dumps(content, indent=2) + "\n"
+        atomic_write(folder / name, lambda p, text=text: p.write_text(text))
 
 
 def save_folder(model, folder: str | Path, model_card: str | None = None) -> Path:
+    """The Hugging Face GPT-2 layout: model.safetensors and config.json first, then the tokenizer files
+    and the model card."""
     if not model.config.bias:
         raise ValueError("the Hugging Face GPT-2 layout needs bias=True")
     state = model.state_dict()
@@ -247,61 +287,132 @@ def save_folder(model, folder: str | Path, model_card: str | None = None) -> Pat
         if name != "lm_head.weight"  # tied: transformers re-ties it on load
     }
     dtype = model.transformer.wte.weight.dtype
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     config_text = json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n"
-    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(config_text))
+    atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(config_text))
+    save_tokenizer_files(folder, model.config.block_size)
     card = model_card if model_card is not None else render_model_card(model.config)
-    _atomic_write(folder / CARD_NAME, lambda p: p.write_text(card))
+    atomic_write(folder / CARD_NAME, lambda p: p.write_text(card))
     return folder
 
 
-def render_model_card(config: GPTConfig, metrics: dict | None = None, body: str = "") -> str:
-    """A Hub model card: metadata front matter (with `metrics`) and a short description."""
-    from huggingface_hub import ModelCard, ModelCardData
+DATASET = ("karpathy/tiny_shakespeare", "Tiny Shakespeare")
+# card results: (key in the metrics, the split it was measured on, the metric's name on the Hub)
+LOSS_RESULTS = (
+    ("train_loss", "train", "train loss (nats/token)"),
+    ("val_loss", "validation", "held-out loss (nats/token)"),
+)
 
-    metrics = metrics or {}
+
+def usage(model_id: str) -> str:
+    """How to use a model folder or Hub repo: this project's API, and transformers."""
+    return f"""## Usage
+
+With `transformers` (the tokenizer files are in the folder):
+
+```python
+from transformers import AutoTokenizer, pipeline
+
+tokenizer = AutoTokenizer.from_pretrained("{model_id}")
+generator = pipeline("text-generation", model="{model_id}")
+print(generator("ROMEO:", max_new_tokens=100, do_sample=True, temperature=0.8, top_k=50)[0]["generated_text"])
+```
+
+With the `model` package of the ShakespeareGPT project that trained it:
+
+```python
+from model import GPT, generate, load_tokenizer, stream_text
+
+model = GPT.from_pretrained("{model_id}")
+tokenizer = load_tokenizer("{model_id}")      # a local folder's own vocab.json + merges.txt
+ids = generate(model, tokenizer.encode("ROMEO:"), max_new_tokens=100, temperature=0.8, top_k=50, seed=42)
+print("ROMEO:" + "".join(stream_text(ids, tokenizer)))
+```
+
+Or serve it: `python app.py --model {model_id}`.
+"""
+
+
+def render_model_card(config: GPTConfig, metrics: dict | None = None, body: str = "", model_id: str = ".") -> str:
+    """A Hub model card: the losses in metrics (`train_loss`, `val_loss`) as a `model-index` of eval
+    results, the other run facts under `training`, usage snippets for model_id, and body."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    metrics = dict(metrics or {})
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=DATASET[0],
+            dataset_name=DATASET[1],
+            dataset_split=split,
+            metric_type="loss",
+            metric_name=name,
+            metric_value=metrics.pop(key),
+        )
+        for key, split, name in LOSS_RESULTS
+        if isinstance(metrics.get(key), (int, float))
+    ]
     data = ModelCardData(
+        model_name="ShakespeareGPT",
         license="mit",
         library_name="transformers",
         tags=["gpt2", "text-generation", "shakespeare", "safetensors"],
-        datasets=["karpathy/tiny_shakespeare"],
+        datasets=[DATASET[0]],
         pipeline_tag="text-generation",
         language="en",
-        training_metrics=metrics,
+        eval_results=results or None,
+        training={k: v for k, v in metrics.items() if v is not None} or None,
     )
     shape = ", ".join(f"{k} {v}" for k, v in config.to_dict().items())
     text = (
         f"---\n{data.to_yaml()}\n---\n\n# ShakespeareGPT\n\n"
-        "A GPT-2 style language model trained on Tiny Shakespeare, in the Hugging Face GPT-2 layout "
-        "(loads with `transformers.GPT2LMHeadModel` and with `model.GPT.from_pretrained`). "
-        "Tokenizer: tiktoken `gpt2`.\n\n"
+        "A GPT-2 style language model trained on Tiny Shakespeare, in the Hugging Face GPT-2 layout with its "
+        "tokenizer files (GPT-2's byte-level BPE), so it loads with `transformers` and with "
+        "`model.GPT.from_pretrained`, offline.\n\n"
         f"Shape: {shape}.\n"
     )
-    if metrics:
+    if results or metrics:
         text += "\n## Training\n\n| metric | value |\n| --- | --- |\n"
-        text += "".join(f"| {k} | {v} |\n" for k, v in metrics.items())
-    return str(ModelCard(text + body))
+        text += "".join(f"| {r.metric_name} | {r.metric_value} |\n" for r in results)
+        text += "".join(f"| {k.replace('_', ' ')} | {v} |\n" for k, v in metrics.items() if v is not None)
+    return str(ModelCard(text + "\n" + usage(model_id) + body))
 
 
 def read_model_card_metrics(folder: str | Path) -> dict:
-    """The `training_metrics` recorded in a folder's model card ({} when there is none)."""
+    """The losses (`train_loss`, `val_loss`) of a folder's model card, from its `model-index`, and
+    the run facts under `training` ({} when there is no card)."""
     from huggingface_hub import ModelCard
 
     card = Path(folder) / CARD_NAME
     if not card.is_file():
         return {}
-    metrics = ModelCard.load(card).data.to_dict().get("training_metrics")
-    return metrics if isinstance(metrics, dict) else {}
+    data = ModelCard.load(card).data
+    training = getattr(data, "training", None)
+    metrics = dict(training) if isinstance(training, dict) else {}
+    keys = {split: key for key, split, _ in LOSS_RESULTS}
+    for result in data.eval_results or []:
+        if result.metric_type == "loss" and result.dataset_split in keys:
+            metrics[keys[result.dataset_split]] = result.metric_value
+    return metrics
+
+
+# What a model repo on the Hub holds: never optimizer state (train_state.pt) or other files.
+UPLOAD_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, *tokenizer.TOKENIZER_FILES, "loss_curve.png")
 
 
 def upload_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create the Hub repo if needed and upload the folder. The token comes from the argument,
-    HF_TOKEN or the Hub login, and is never logged."""
+    """Create the Hub repo if needed and upload the folder's weights, config, tokenizer files, model card
+    and loss curve (UPLOAD_FILES, nothing else). The token comes from the argument, HF_TOKEN or the
+    Hub login, and is never logged."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload ShakespeareGPT"
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        allow_patterns=list(UPLOAD_FILES),
+        commit_message="Upload ShakespeareGPT",
     )
     return str(getattr(info, "commit_url", info))

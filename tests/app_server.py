@@ -41,13 +41,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Loaded into every Python process of a newcomer test (PYTHONPATH): any connection that leaves this
+# machine fails at once, as on an offline laptop or a locked-down Space.
+NO_NETWORK = """
+import socket
+
+_connect = socket.socket.connect
+
+
+def _local_only(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("/"):
+        raise OSError(f"network use blocked in this test: {address!r}")
+    return _connect(self, address)
+
+
+socket.socket.connect = _local_only
+"""
+
+
+def newcomer_env(home: Path, threads: int | None = 1) -> dict[str, str]:
+    """A fresh machine with no network: an empty HOME, TMPDIR and Hub cache, no tokenizer cache, every
+    connection that leaves the machine refused (app_env's other settings too)."""
+    env = app_env(threads)
+    for name in ("TIKTOKEN_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"):
+        env.pop(name, None)
+    site = home / ".no-network"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(NO_NETWORK)
+    tmp = home / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env.update(HOME=str(home), TMPDIR=str(tmp), HF_HOME=str(home / ".cache" / "huggingface"), PYTHONPATH=str(site))
+    return env
+
+
 def app_env(threads: int | None = None) -> dict[str, str]:
-    """The environment to run app.py in: offline tokenizer files, no Space settings, and
+    """The environment to run app.py in: no Space settings, and
     optionally a fixed number of torch threads."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken-cache"))
     for name in ("SPACE_ID", "MODEL_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
         env.pop(name, None)
     env["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -70,16 +103,18 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 
 @contextlib.contextmanager
-def running_app(*args: str) -> Iterator[str]:
-    """Run `python app.py --port <free port> *args` on 127.0.0.1 and yield its URL. Its output
-    goes to a file, so a chatty server can never block on a full pipe."""
+def running_app(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run `python app.py --port <free port> *args` on 127.0.0.1 (in env, else app_env with one thread)
+    and yield its URL. Its output goes to a file, so a chatty server can never block on a full pipe."""
     port = free_port()
     command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), *args]
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "app.log"
         with open(log, "w") as out:
             # one thread, like the test process (conftest): same arithmetic, no spin-waiting beside other work
-            process = subprocess.Popen(command, cwd=ROOT, env=app_env(threads=1), stdout=out, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=env or app_env(threads=1), stdout=out, stderr=subprocess.STDOUT
+            )
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_up(url, process, log)

@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "input.txt"
 
-# Machines here have no internet: tiktoken reads its gpt2 files from ../shared when not told otherwise.
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+# The tokenizer files travel with the project: nothing may rely on tiktoken's download cache.
+os.environ.pop("TIKTOKEN_CACHE_DIR", None)
 sys.path.insert(0, str(ROOT))
 # The models under test are tiny: one thread avoids spin-waiting against other work on a 2-core
 # machine (a training run beside the tests made them 50x slower with two threads).

@@ -3,6 +3,7 @@ transformers both ways, nanoGPT files, the Hub cache, errors."""
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -48,7 +49,17 @@ def test_transformers_checkpoint_loads_with_the_same_logits(tiny_config, hf_gpt2
 
 
 def test_saved_folder_loads_in_transformers_with_the_same_logits(tiny_model, saved):
-    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "README.md",
+        "config.json",
+        "merges.txt",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
+    assert {oct(p.stat().st_mode & 0o777) for p in saved.iterdir()} == {"0o644"}
     hf, info = GPT2LMHeadModel.from_pretrained(saved, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert hf.dtype == torch.float32
@@ -238,6 +249,7 @@ def test_uncached_hub_repo_fails_with_a_clear_message(hub_cache, source):
 
 def test_push_to_hub_sends_weights_config_and_model_card(tiny_model, tmp_path, monkeypatch, capsys, caplog):
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
 
     token = "hf_secretTOKEN0123456789"
     calls = {}
@@ -247,7 +259,11 @@ def test_push_to_hub_sends_weights_config_and_model_card(tiny_model, tmp_path, m
 
     def upload_folder(self, *, folder_path, repo_id, **kwargs):
         calls["upload_folder"] = dict(kwargs, repo_id=repo_id, token=kwargs.get("token") or self.token)
-        shutil.copytree(folder_path, tmp_path / "sent")
+        # what HfApi.upload_folder sends: the files its allow_patterns let through
+        names = [p.name for p in Path(folder_path).iterdir()]
+        (tmp_path / "sent").mkdir()
+        for name in filter_repo_objects(names, allow_patterns=kwargs.get("allow_patterns")):
+            shutil.copy(Path(folder_path) / name, tmp_path / "sent")
         return SimpleNamespace(commit_url="https://huggingface.co/someone/tiny/commit/abc")
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -260,7 +276,16 @@ def test_push_to_hub_sends_weights_config_and_model_card(tiny_model, tmp_path, m
     assert calls["create_repo"]["private"] is True and calls["create_repo"]["exist_ok"] is True
     assert calls["create_repo"]["token"] == calls["upload_folder"]["token"] == token
     sent = tmp_path / "sent"
-    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in sent.iterdir()}
+    assert {p.name for p in sent.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
     card = (sent / "README.md").read_text()
     assert card.startswith("---\n")
     front_matter = yaml.safe_load(card.split("---\n")[1])
@@ -273,7 +298,27 @@ def test_push_to_hub_sends_weights_config_and_model_card(tiny_model, tmp_path, m
 
 
 def test_model_card_metrics_round_trip(tiny_model, tmp_path):
-    card = render_model_card(tiny_model.config, {"val_loss": 1.47, "step": 500})
+    from huggingface_hub import ModelCard
+
+    card = render_model_card(tiny_model.config, {"train_loss": 2.5, "val_loss": 1.47, "steps": 500}, model_id="me/m")
     folder = tiny_model.save_pretrained(tmp_path / "card", model_card=card)
-    assert read_model_card_metrics(folder) == {"val_loss": 1.47, "step": 500}
+    assert read_model_card_metrics(folder) == {"train_loss": 2.5, "val_loss": 1.47, "steps": 500}
     assert read_model_card_metrics(tmp_path) == {}
+    data = ModelCard.load(folder / "README.md").data  # the losses are a model-index the Hub shows
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
+    assert results == {("train", "loss"): 2.5, ("validation", "loss"): 1.47}
+    assert 'pipeline("text-generation", model="me/m")' in card and 'AutoTokenizer.from_pretrained("me/m")' in card
+
+
+def test_transformers_pipeline_continues_like_greedy_generate(tiny_model, tmp_path):
+    """A saved folder is a complete Hugging Face model: pipeline() finds the tokenizer and the model,
+    and its greedy continuation is the one this project's generate() gives."""
+    from transformers import pipeline
+
+    from model import generate, load_tokenizer
+
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    text = pipeline("text-generation", model=str(folder))("ROMEO:", max_new_tokens=10, do_sample=False)
+    tokenizer = load_tokenizer(folder)
+    ids = list(generate(tiny_model, tokenizer.encode("ROMEO:"), 10, temperature=0))
+    assert text[0]["generated_text"] == "ROMEO:" + tokenizer.decode(ids)

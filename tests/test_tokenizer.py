@@ -1,6 +1,7 @@
 """model/tokenizer.py: the gpt2 encoding, special-token text, and streaming whole UTF-8 characters."""
 
 import random
+import shutil
 
 import pytest
 
@@ -92,3 +93,81 @@ def test_stream_text_streams(tokenizer):
     assert next(stream) == " "  # the space is whole; the 2-byte 'ő' that follows it is not yet
     assert next(stream) == "ő"
     assert len(read) == 3
+
+
+# Offline, from the files that travel with the project and with every model folder
+
+# GPT-2 encodings: published examples (Hugging Face's GPT-2 docs) and ids checked once against tiktoken.
+KNOWN_IDS = {
+    "Hello world": [15496, 995],
+    " the": [262],
+    "Hello, my dog is cute": [15496, 11, 616, 3290, 318, 13779],
+    "ROMEO:": [33676, 4720, 25],  # as tiktoken.get_encoding("gpt2") gives
+    "": [],
+    "\n\n": [628],
+}
+
+
+@pytest.mark.parametrize("text", KNOWN_IDS)
+def test_known_gpt2_ids(tokenizer, text):
+    assert tokenizer.encode(text) == KNOWN_IDS[text]
+    assert tokenizer.decode(KNOWN_IDS[text]) == text
+
+
+def test_special_token_text_only_when_allowed(tokenizer):
+    assert tokenizer.encode("<|endoftext|>", allowed_special="all") == [EOT_TOKEN]
+    assert tokenizer.encode("a<|endoftext|>", allowed_special={"<|endoftext|>"}) == [64, EOT_TOKEN]
+
+
+def test_the_tokenizer_is_built_without_network_or_caches(monkeypatch, tmp_path):
+    """No download, no TIKTOKEN_CACHE_DIR, no home folder: the packaged vocab.json + merges.txt suffice."""
+    import socket
+
+    from model import tokenizer as tokenizer_module
+
+    def no_network(*args, **kwargs):
+        raise OSError("network use in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    tokenizer_module._load.cache_clear()
+    fresh = load_tokenizer()
+    assert fresh.encode("Hello world") == [15496, 995] and fresh.n_vocab == 50257
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_model_folder_uses_its_own_tokenizer_files(tiny_model, tmp_path, tokenizer):
+    from model.tokenizer import TokenizerError
+
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    own = load_tokenizer(folder)
+    assert own is not load_tokenizer() and own.encode("Hello world") == [15496, 995]
+    assert load_tokenizer(folder / "model.safetensors") is own  # a weights file means its folder
+    assert load_tokenizer(tmp_path / "no-files") is load_tokenizer()  # no files there: the packaged ones
+
+    merges = (folder / "merges.txt").read_text().split("\n")
+    merges[5], merges[6] = merges[6], merges[5]  # two merges in the wrong order: not GPT-2's BPE
+    (tmp_path / "bad").mkdir()
+    shutil.copy(folder / "vocab.json", tmp_path / "bad")
+    (tmp_path / "bad" / "merges.txt").write_text("\n".join(merges))
+    with pytest.raises(TokenizerError, match="not a GPT-2 byte-level BPE"):
+        load_tokenizer(tmp_path / "bad")
+
+
+def test_auto_tokenizer_on_a_saved_folder_gives_the_same_ids(tiny_model, tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    hf = AutoTokenizer.from_pretrained(folder)
+    assert hf.model_max_length == tiny_model.config.block_size
+    assert hf.eos_token_id == hf.bos_token_id == EOT_TOKEN
+    rng = random.Random(0)
+    texts = [*TEXTS, *KNOWN_IDS, " leading and trailing  ", "tabs\tand\r\nCRLF", "'s 've 're 'll don't"]
+    texts += ["".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(rng.randrange(1, 30))) for _ in range(200)]
+    for text in texts:
+        assert hf(text)["input_ids"] == tokenizer.encode(text), text
+        assert hf.decode(tokenizer.encode(text)) == text
+    # transformers reads special-token text as the special token; here that needs allowed_special
+    assert hf("a <|endoftext|>")["input_ids"] == tokenizer.encode("a <|endoftext|>", allowed_special="all")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,7 +167,7 @@ def test_target_loss_stops_on_a_full_pass_and_saves(tmp_path, small_text):
     assert summary["reached_target"] is True
     # judged on the mean over the first whole pass, not on one batch
     assert 20 <= summary["steps"] <= 40
-    assert "target loss reached" in result.stderr
+    assert "target loss reached" in result.stdout
     assert GPT.from_pretrained(tmp_path / "out" / "latest").config.n_layer == 2
 
 
@@ -181,29 +182,51 @@ def test_two_process_gloo_torchrun_only_rank0_writes(tmp_path, small_text):
     assert GPT.from_pretrained(tmp_path / "out" / "latest").config.n_head == 2
 
 
-def test_push_to_hub_uploads_folder_and_card(tmp_path, small_text, monkeypatch):
+def test_push_to_hub_uploads_the_best_checkpoint_and_only_model_files(
+    tmp_path, small_text, monkeypatch, capsys, caplog
+):
     import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
 
     sent = {}
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: sent.update(repo=repo_id))
 
-    def upload_folder(self, folder_path, repo_id, **kw):
-        sent["files"] = {p.name: p.read_bytes() for p in __import__("pathlib").Path(folder_path).iterdir()}
-        sent["token"] = self.token
+    def upload_folder(self, folder_path, repo_id, allow_patterns=None, **kw):
+        names = [p.name for p in Path(folder_path).iterdir()]  # what HfApi sends: what allow_patterns lets through
+        sent["files"] = {
+            n: (Path(folder_path) / n).read_bytes() for n in filter_repo_objects(names, allow_patterns=allow_patterns)
+        }
+        sent["folder"], sent["token"] = Path(folder_path), self.token
         return "https://huggingface.co/fake/commit"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
-    sys.path.insert(0, str(ROOT))
+    caplog.set_level("INFO")
     from train import train
 
-    args = train_args(tmp_path, small_text, "--max-steps", "10", "--push-to-hub", "someone/shakespeare")[2:]
-    assert train.main(args) == 0
-    assert sent["repo"] == "someone/shakespeare"
-    assert {"config.json", "model.safetensors", "README.md", "loss_curve.png"} <= set(sent["files"])
+    args = train_args(tmp_path, small_text, "--max-steps", "20", "--eval-interval", "10", "--lr", "3e-2")
+    assert train.main([*args[2:], "--push-to-hub", "someone/shakespeare"]) == 0
+    assert sent["repo"] == "someone/shakespeare" and sent["folder"] == tmp_path / "out" / "best"
+    assert set(sent["files"]) == {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "loss_curve.png",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }  # never train_state.pt
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     card = sent["files"]["README.md"].decode()
-    assert "pipeline_tag: text-generation" in card and "val_loss" in card and "train_loss" in card
-    log = (tmp_path / "out" / "metrics.jsonl").read_text() + card
+    assert "pipeline_tag: text-generation" in card and "model-index" in card
+    assert f"value: {summary['best_val_loss']}" in card
+    out = capsys.readouterr()
+    assert (
+        f"uploading best/ (held-out loss {summary['best_val_loss']:.4f} at step {summary['best_step']})" in caplog.text
+    )
+    log = (tmp_path / "out" / "metrics.jsonl").read_text() + card + out.out + out.err + caplog.text
     assert "hf_secret_value" not in log
 
 
@@ -229,7 +252,7 @@ def test_push_to_hub_without_token_fails_before_training(tmp_path, small_text):
     [
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
         (["--batch-size", "zero"], "invalid int value"),
-        (["--n-embd", "31"], "--n-embd must be divisible by --n-head"),
+        (["--n-embd", "31"], "--n-embd (31) must be divisible by --n-head (2)"),
         (["--preset", "nope"], "invalid choice"),
     ],
 )
@@ -238,12 +261,15 @@ def test_bad_flags_fail_with_a_clear_message(tmp_path, small_text, extra, messag
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_underscore_flags_are_accepted_like_sagemaker_passes_them(tmp_path, small_text):
-    sys.path.insert(0, str(ROOT))
-    from train import train
+def test_underscore_flags_are_accepted_like_sagemaker_passes_them():
+    from train.config import parse_config
 
-    config = train.parse_config(["--batch_size", "4", "--max_steps", "7", "--resume", "true", "--preset", "cpu"])
-    assert (config.batch_size, config.max_steps, config.resume, config.n_embd) == (4, 7, True, 128)
+    config = parse_config(["--batch_size", "4", "--max_steps", "7", "--resume", "true", "--preset", "cpu"])
+    assert (config.batch_size, config.max_steps, config.resume, config.gpt_config().n_embd) == (4, 7, True, 128)
+    # SageMaker passes Python booleans as text: True / False, in any case
+    config = parse_config(["--compile", "False", "--private", "TRUE", "--restart", "0"])
+    assert (config.compile, config.private, config.restart) == ("false", True, False)
+    assert parse_config(["--compile", "1"]).compile == "true" and parse_config(["--compile", "AUTO"]).compile == "auto"
 
 
 def test_missing_and_too_short_data_fail_clearly(tmp_path):

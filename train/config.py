@@ -1,0 +1,254 @@
+"""The training settings: one dataclass whose fields are the command-line flags (with their help text),
+the named presets, parsing, validation, and what `--resume` may change."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from model import PRESETS as MODEL_PRESETS
+from model import GPTConfig
+
+
+def flag(default, help: str, **metadata):
+    """A TrainConfig field: its default and the help text its flag shows."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(text) -> bool:
+    """True/False in any case, 1/0, yes/no, on/off: SageMaker passes Python's `True` / `False`."""
+    value = str(text).strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_switch(text) -> str:
+    """auto, or a boolean written any way parse_bool accepts, as "true" / "false"."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    return "true" if parse_bool(text) else "false"
+
+
+# Settings a resumed run may change: how long it runs, how it reports, where it uploads. Anything else
+# (shape, data, schedule, seeds, batch) must stay what the checkpoint was trained with.
+RESUMABLE = frozenset(
+    {
+        "resume",
+        "max_steps",
+        "max_minutes",
+        "target_loss",
+        "log_interval",
+        "eval_interval",
+        "eval_batches",
+        "checkpoint_interval",
+        "sample_tokens",
+        "push_to_hub",
+        "private",
+        "device",
+        "out_dir",
+        "checkpoint_dir",
+        "cache_dir",
+    }
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting. Each field is a flag (`--batch-size` or `--batch_size`); a preset fills
+    them, explicit flags win."""
+
+    preset: str = flag("recipe-b", "named settings to start from (explicit flags override them)")
+    data: str = flag("", "a text file, or a folder whose .txt files are read in name order; default: "
+                     "$SM_CHANNEL_TRAINING, else Tiny Shakespeare downloaded once into --cache-dir")  # fmt: skip
+    out_dir: str = flag("", "where the run's checkpoints, metrics and curve go; default: $SM_MODEL_DIR, else out/")
+    checkpoint_dir: str = flag("", "where checkpoints are written and resumed from; default: SageMaker's "
+                               "/opt/ml/checkpoints when it exists, else --out-dir")  # fmt: skip
+    cache_dir: str = flag("~/.cache/shakespeare-gpt", "downloaded text and token caches")
+    restart: bool = flag(False, "start a new run in an --out-dir that holds an earlier one, replacing the files "
+                         "the trainer wrote there (never others)")  # fmt: skip
+    # model: the shape of a GPTConfig preset, any field overridden
+    model: str = flag("gpt2", f"model shape: a GPTConfig preset ({', '.join(MODEL_PRESETS)}); gpt2 is GPT-2 124M")
+    n_layer: int = flag(0, "transformer blocks; 0 = the --model preset's")
+    n_head: int = flag(0, "attention heads; 0 = the --model preset's")
+    n_embd: int = flag(0, "embedding width; 0 = the --model preset's")
+    block_size: int = flag(0, "the model's context in tokens; 0 = the --model preset's")
+    dropout: float = flag(0.0, "dropout probability while training (also applied to an --init model)")
+    init: str = flag("", "start from these weights (any GPT.from_pretrained source) to fine-tune")
+    seq_len: int = flag(0, "tokens per training sequence; 0 = the model's context (also when --block-size is "
+                        "given without --seq-len)")  # fmt: skip
+    # optimisation
+    batch_size: int = flag(32, "sequences per optimizer step, over all processes and accumulation steps")
+    micro_batch_size: int = flag(0, "sequences per forward pass and process; 0 = batch-size / processes")
+    lr: float = flag(6e-4, "peak learning rate")
+    min_lr: float = flag(6e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = flag(100, "steps of linear warm-up")
+    max_steps: int = flag(5000, "optimizer steps at most")
+    weight_decay: float = flag(0.1, "AdamW weight decay of 2-D weights")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.95, "AdamW beta2")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this; 0 = no clipping")
+    target_loss: float = flag(0.099999, "stop when the mean training loss over one whole pass is below this")
+    max_minutes: float = flag(0.0, "stop (and save) after this many minutes of training; 0 = no limit")
+    # data
+    val_fraction: float = flag(0.1, "the last fraction of the tokens, held out to score the model")
+    seed: int = flag(1337, "seed of the initial weights, the data order and dropout")
+    # machine
+    device: str = flag("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    dtype: str = flag("auto", "autocast dtype: auto (bf16 on CUDA, fp16 where bf16 is missing; fp32 on the CPU), "
+                      "float32, bfloat16, float16")  # fmt: skip
+    compile: str = flag("auto", "torch.compile: auto (on for CUDA), true, false", parse=parse_switch)
+    # logging and checkpoints
+    log_interval: int = flag(10, "steps between log rows")
+    eval_interval: int = flag(250, "steps between held-out scores (and best/ checkpoints)")
+    eval_batches: int = flag(20, "batches of --batch-size sequences scored per held-out evaluation")
+    checkpoint_interval: int = flag(250, "steps between latest/ checkpoints")
+    sample_tokens: int = flag(48, "tokens of sample text per prompt in the model card; 0 = none")
+    resume: bool = flag(False, "continue the run in --out-dir with its own settings")
+    push_to_hub: str = flag("", "upload the best checkpoint to this Hub repo (user/repo) at the end")
+    private: bool = flag(False, "make a new Hub repo private")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def gpt_config(self) -> GPTConfig:
+        """The model shape: the --model preset with the fields given here (GPTConfig validates it)."""
+        shape = dict(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, block_size=self.block_size)
+        try:
+            return GPTConfig.from_preset(self.model, dropout=self.dropout, **{k: v for k, v in shape.items() if v})
+        except ValueError as err:  # name the flag, not the GPTConfig field
+            message = str(err).replace("GPTConfig.", "--").replace("_", "-")
+            raise ValueError(message.replace("preset", "--model preset")) from None
+
+    @property
+    def sequence_length(self) -> int:
+        return self.seq_len or self.gpt_config().block_size
+
+    def validate(self) -> None:
+        """Every value in its range, each error naming its flag."""
+
+        def check(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}")
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "seq_len", "micro_batch_size", "warmup_steps"):
+            check(getattr(self, name) >= 0, name, "0 or more")
+        for name in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches", "checkpoint_interval"):
+            check(getattr(self, name) >= 1, name, "at least 1")
+        check(self.sample_tokens >= 0, "sample_tokens", "0 or more")
+        check(self.seed >= 0, "seed", "0 or more")
+        check(0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        check(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)")
+        check(self.lr > 0, "lr", "greater than 0")
+        check(0 <= self.min_lr <= self.lr, "min_lr", f"in [0, --lr {self.lr}]")
+        check(self.weight_decay >= 0, "weight_decay", "0 or more")
+        check(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
+        check(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
+        check(self.grad_clip >= 0, "grad_clip", "greater than 0, or 0 for no clipping")
+        check(self.target_loss >= 0, "target_loss", "0 or more")
+        check(self.max_minutes >= 0, "max_minutes", "0 (no limit) or more")
+        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
+        check(self.compile in ("auto", "true", "false"), "compile", "auto, true or false")
+        check(not self.push_to_hub or self.push_to_hub.count("/") == 1, "push_to_hub", "a repo id like user/repo")
+        check(not (self.resume and self.restart), "restart", "off with --resume")
+        context = self.gpt_config().block_size
+        if not self.init:
+            check(self.seq_len <= context, "seq_len", f"at most the model's context ({context})")
+        if self.micro_batch_size:
+            check(self.batch_size % self.micro_batch_size == 0, "batch_size", "a multiple of --micro-batch-size")
+
+
+PRESETS: dict[str, dict] = {
+    # TSAI-S12: GPT-2 124M (context 1024) on batches of 32 x 256 tokens, on a T4
+    "recipe-b": dict(seq_len=256),
+    # the notebook recipe: batches of 4 x 1024
+    "recipe-a": dict(batch_size=4, lr=3e-4, max_steps=12000, target_loss=0.1),
+    "t4": dict(seq_len=256, dtype="float16", compile="true"),
+    "h100": dict(seq_len=256, dtype="bfloat16", compile="true"),
+    # The model shipped in assets/: 2 CPU cores, under an hour, a file under 32 MiB.
+    "cpu": dict(
+        model="cpu-small",
+        batch_size=16,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=100,
+        max_steps=1200,
+        max_minutes=55,
+        dropout=0.1,
+        eval_interval=100,
+        checkpoint_interval=100,
+        log_interval=10,
+        # 2.1x the tokens/s of eager fp32 on a 2-core CPU (bench/train_throughput.py)
+        dtype="bfloat16",
+        compile="true",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags derived from TrainConfig: one description and one default each."""
+    parser = argparse.ArgumentParser(
+        prog="python train/train.py",
+        description="Train GPT-2 on Tiny Shakespeare. Flags may use dashes or underscores (--batch-size or "
+        "--batch_size); a --preset fills them and explicit flags win. Defaults shown are without a preset "
+        "(train/config.py lists what each preset sets).",
+    )
+    for option in fields(TrainConfig):
+        names = [f"--{option.name.replace('_', '-')}"] + (["--" + option.name] if "_" in option.name else [])
+        shown = option.default if option.default != "" else "none"
+        text = option.metadata["help"]
+        text += "" if "default:" in text else f" (default: {shown})"
+        kwargs = dict(dest=option.name, default=None, help=text)
+        if option.type == "bool":
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs["type"] = option.metadata.get("parse") or {"int": int, "float": float}.get(option.type, str)
+        if option.name == "preset":
+            kwargs["choices"] = list(PRESETS)
+        parser.add_argument(*names, **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
+    """The configuration, and the flags given explicitly (by field name)."""
+    parser = build_parser()
+    explicit = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = dict(PRESETS[explicit.get("preset", TrainConfig.preset)])
+    if "block_size" in explicit:  # a context asked for is also the sequence length, unless --seq-len says
+        preset.pop("seq_len", None)
+    try:
+        config = TrainConfig(**{**preset, **explicit})
+    except ValueError as err:
+        parser.error(str(err))
+    return config, explicit
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    return parse_args(argv)[0]
+
+
+def resumed_config(saved: dict, explicit: dict) -> TrainConfig:
+    """The configuration a run was saved with, changed only where explicit flags may change it
+    (RESUMABLE); any other flag that differs is an error naming it."""
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    refused = sorted(
+        f"--{name.replace('_', '-')} {value!r} (the run has {getattr(config, name)!r})"
+        for name, value in explicit.items()
+        if name not in RESUMABLE and value != getattr(config, name)
+    )
+    if refused:
+        raise ValueError(
+            "--resume continues a run with its own settings; these flags would change it: "
+            + ", ".join(refused)
+            + ". Drop them, or start a new run with another --out-dir (or --restart)."
+        )
+    return dataclasses.replace(config, **{**{k: v for k, v in explicit.items() if k in RESUMABLE}, "resume": True})

@@ -1,0 +1,81 @@
+"""The machine a run trains on: device, autocast dtype, torch.compile, and the DDP process group."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from model.device import fast_dtype, pick_device
+
+from .config import TrainConfig
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU, by a substring of the device name.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "T4": 65e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+@dataclass
+class Machine:
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    compile: bool
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def hardware(self) -> str:
+        name = (
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        )
+        return f"{self.world_size} x {name}" if self.world_size > 1 else name
+
+    def peak_flops(self) -> float | None:
+        """One device's dense bf16/fp16 peak, when known."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+    def all_agree(self, flags: list[float]) -> list[float]:
+        """The element-wise maximum of flags over all processes (each one's own flags alone when single)."""
+        if self.world_size == 1:
+            return flags
+        tensor = torch.tensor(flags, device=self.device, dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+
+def setup_machine(config: TrainConfig) -> Machine:
+    """Device, autocast dtype and process group, decided once (RANK / WORLD_SIZE / LOCAL_RANK come from torchrun)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dtype = fast_dtype(device) if config.dtype == "auto" else getattr(torch, config.dtype)
+    compiled = config.compile == "true" or (config.compile == "auto" and device.type == "cuda")
+    return Machine(device, None if dtype == torch.float32 else dtype, compiled, rank, world_size)
