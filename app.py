@@ -10,11 +10,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from model import CheckpointError, load_for_inference, load_tokenizer, serving
-from model.inference import use_cpu_threads
+import serve
+from model import CheckpointError, SamplingParams, load_tokenizer
+from model.sampling import EXAMPLE_PROMPTS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-EXAMPLES = ["First Citizen:", "ROMEO:", "To be or not"]
 CONCURRENCY_LIMIT = 2  # a Space's "CPU basic" has 2 vCPUs
 QUEUE_SIZE = 32
 
@@ -42,20 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(model, facts: serving.ModelFacts) -> gr.Blocks:
+def build(model, facts: serve.ModelFacts) -> gr.Blocks:
     tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
     block_size = model.config.block_size
+    defaults, served = SamplingParams(top_k=SamplingParams.DEFAULT_TOP_K, seed=0), SamplingParams.SERVED
 
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed):
         """Stream the prompt followed by its continuation. temperature 0 is greedy; top_k 0 and
         top_p 1 are off; seed None or -1 draws a random seed. The stream yields the growing text."""
         try:
-            request = serving.check_request(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer)
-        except serving.RequestError as err:
+            request = serve.check_request(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer)
+        except serve.RequestError as err:
             raise gr.Error(str(err)) from None
         if request.cropped:
-            gr.Warning(serving.crop_note(request, block_size))
-        for text, stats in serving.stream_completion(model, request, tokenizer):
+            gr.Warning(serve.crop_note(request))
+        for text, stats in serve.stream_completion(model, request, tokenizer):
             yield text, stats.summary()
 
     with gr.Blocks(title="ShakespeareGPT") as demo:
@@ -71,14 +72,22 @@ def build(model, facts: serving.ModelFacts) -> gr.Blocks:
                     label="Prompt + continuation", lines=14, interactive=False, buttons=["copy"], elem_id="output"
                 )
                 stats = gr.Markdown(elem_id="stats")
-                gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], cache_examples=False, api_visibility="private")
+                gr.Examples(
+                    [[e] for e in EXAMPLE_PROMPTS], inputs=[prompt], cache_examples=False, api_visibility="private"
+                )
             with gr.Column(scale=2):
                 max_new_tokens = gr.Slider(
                     1, block_size, value=min(200, block_size), step=1, label="Max new tokens", elem_id="max-new-tokens"
                 )
-                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", info="0 = greedy")
-                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off")
-                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off")
+                temperature = gr.Slider(
+                    *served["temperature"],
+                    value=defaults.temperature,
+                    step=0.05,
+                    label="Temperature",
+                    info="0 = greedy",
+                )
+                top_k = gr.Slider(*served["top_k"], value=defaults.top_k, step=1, label="Top-k", info="0 = off")
+                top_p = gr.Slider(*served["top_p"], value=defaults.top_p, step=0.05, label="Top-p", info="1 = off")
                 seed = gr.Number(value=-1, precision=0, label="Seed", info="blank or -1 = random", elem_id="seed")
                 with gr.Accordion("Model", open=True):
                     gr.Markdown("".join(f"- **{k}**: {v}\n" for k, v in facts.rows()), elem_id="model-facts")
@@ -106,10 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's start-up checks, one line each
-    threads = use_cpu_threads()
+    threads = serve.use_cpu_threads()
     try:
-        model = load_for_inference(args.model, device="auto", dtype=args.dtype, quantize=args.quantize)
-        facts = serving.ModelFacts.of(model, args.model)
+        model = serve.load_for_inference(args.model, device="auto", dtype=args.dtype, quantize=args.quantize)
+        facts = serve.ModelFacts.of(model, args.model)
     except (CheckpointError, ValueError) as err:
         origin = {os.environ.get("MODEL_ID"): "env MODEL_ID", str(ASSETS): "the default, assets/"}.get(args.model)
         sys.exit(
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             "file or a Hub repo id (org/name); or train one with `python train/train.py --preset cpu --out-dir "
             "out/cpu` and run `python app.py --model out/cpu/best`."
         )
-    serving.warm_up(model)
+    serve.warm_up(model)
     logging.info(
         "serving %s: %s parameters, %s on %s (%d threads)",
         args.model, f"{facts.parameters:,}", facts.precision, model.device, threads,

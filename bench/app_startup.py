@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from gradio_client import Client  # noqa: E402
 
-from model import load_for_inference, load_tokenizer, serving  # noqa: E402
+import serve  # noqa: E402
+from model import load_tokenizer  # noqa: E402
 from tests.app_server import app_env, free_port, wait_until_up  # noqa: E402
 
 PROMPT = "ROMEO:"
@@ -44,9 +45,9 @@ def through_the_app(client: Client, max_new_tokens: int, seed: int) -> tuple[flo
     return first or total, total, len(load_tokenizer().encode(job.result()[len(PROMPT) :]))
 
 
-def in_process(model, max_new_tokens: int, seed: int) -> serving.RunStats:
-    request = serving.check_request(model, PROMPT, max_new_tokens, 0.8, 50, 1.0, seed)
-    *_, (_, stats) = serving.stream_completion(model, request)
+def in_process(model, max_new_tokens: int, seed: int) -> serve.RunStats:
+    request = serve.check_request(model, PROMPT, max_new_tokens, 0.8, 50, 1.0, seed)
+    *_, (_, stats) = serve.stream_completion(model, request)
     return stats
 
 
@@ -82,8 +83,8 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=30)
 
-    model = load_for_inference(args.model)
-    serving.warm_up(model)
+    model = serve.load_for_inference(args.model)
+    serve.warm_up(model)
     # in a worker thread, as Gradio runs the app's generator: torch's CPU threading differs from the main thread's
     with ThreadPoolExecutor(1) as pool:
         direct = list(pool.map(lambda seed: in_process(model, args.max_new_tokens, seed), range(1, args.runs + 1)))
@@ -92,7 +93,7 @@ def main() -> None:
     app_rate = statistics.median(tokens / (total - first) for first, total, tokens in runs if total > first)
     model_first = statistics.median(s.first_token_seconds for s in direct)
     model_rate = statistics.median(s.tokens_per_second for s in direct)
-    print(f"model: {args.model} ({model.num_parameters():,} parameters, {getattr(model, 'precision', '?')})")
+    print(f"model: {args.model} ({model.num_parameters():,} parameters, {serve.precision_of(model)})")
     print(f"ready (server answers)        {ready:6.2f} s   {verdict(ready, READY_GOAL_S)}")
     print(f"first answer ({args.max_new_tokens} tokens)     {first_answer:6.2f} s   from launch")
     print(f"median of {args.runs} runs           through the app   model alone   app overhead")

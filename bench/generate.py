@@ -27,8 +27,9 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import GPT, GPTConfig, generate, load_for_inference  # noqa: E402
-from model.inference import cpu_threads  # noqa: E402
+from model import GPT, GPTConfig, generate  # noqa: E402
+from serve import load_for_inference  # noqa: E402
+from serve.inference import cpu_threads  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_tokens, split_held_out  # noqa: E402
 
@@ -56,7 +57,7 @@ def bytes_per_token(model: GPT) -> int:
     each embedding table; the tied head reads the whole token embedding."""
     total = 0
     for module in model.modules():
-        if hasattr(module, "weight_bytes"):  # the int8 and packed bf16 layers of model.inference
+        if hasattr(module, "weight_bytes"):  # the int8 and packed bf16 layers of serve.inference
             total += module.weight_bytes
         elif isinstance(module, (nn.Linear, nn.LayerNorm)):
             total += sum(p.nbytes for p in module.parameters(recurse=False))

@@ -3,8 +3,7 @@
 from .checkpoint import CheckpointError, read_model_card_metrics, render_model_card
 from .config import PRESETS, GPTConfig
 from .gpt import GPT, KVCache
-from .inference import load_for_inference
-from .sampling import generate
+from .sampling import SamplingError, SamplingParams, generate
 from .tokenizer import EOT_TOKEN, load_tokenizer, stream_text
 
 __all__ = [
@@ -14,8 +13,9 @@ __all__ = [
     "CheckpointError",
     "GPTConfig",
     "KVCache",
+    "SamplingError",
+    "SamplingParams",
     "generate",
-    "load_for_inference",
     "load_tokenizer",
     "read_model_card_metrics",
     "render_model_card",

@@ -386,7 +386,10 @@ def read_model_card_metrics(folder: str | Path) -> dict:
     card = Path(folder) / CARD_NAME
     if not card.is_file():
         return {}
-    data = ModelCard.load(card).data
+    try:
+        data = ModelCard.load(card).data
+    except Exception as err:  # the YAML parser's errors, a hand-edited card
+        raise CheckpointError(f"{card} is not a readable model card: {err}") from err
     training = getattr(data, "training", None)
     metrics = dict(training) if isinstance(training, dict) else {}
     keys = {split: key for key, split, _ in LOSS_RESULTS}

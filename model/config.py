@@ -1,6 +1,6 @@
 """The GPT configuration: GPT-2 small by default, plus named presets."""
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 # Named shapes. "gpt2" is GPT-2 small (124M); "cpu-small" is what the shipped model
 # in assets/ is trained with (fits 2 CPU cores in under an hour and a 32 MiB file);
@@ -39,9 +39,6 @@ class GPTConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         fields = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**fields)
-
-    def replace(self, **changes) -> "GPTConfig":
-        return replace(self, **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,7 +14,8 @@ from .config import GPTConfig
 
 
 class KVCache:
-    """Keys and values of every layer for up to block_size positions, allocated once."""
+    """Keys and values of every layer for up to block_size positions, allocated once. It holds no
+    position: each call says where its tokens go (input_pos), as litgpt passes it."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype) -> None:
         head_size = config.n_embd // config.n_head
@@ -22,7 +23,6 @@ class KVCache:
         # one tensor per layer, so a step indexes a Python list instead of running tensor ops
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0  # positions filled so far
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,12 +33,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         mask, is_causal = None, T > 1
         if cache is not None:
-            start, keys, values = cache.length, cache.keys[layer], cache.values[layer]
+            keys, values = cache.keys[layer], cache.values[layer]
             keys[:, :, start : start + T] = k
             values[:, :, start : start + T] = v
             k, v = keys[:, :, : start + T], values[:, :, : start + T]
@@ -72,8 +72,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,9 +117,10 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
-    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """The final hidden states of idx (B, T) at positions start .. start + T - 1; with a cache, the
+        keys and values of those positions are written into it and the earlier ones are read from it."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than the context ({self.config.block_size}); "
@@ -129,9 +130,7 @@ class GPT(nn.Module):
         if self.training:
             x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
-        if cache is not None:
-            cache.length += T
+            x = block(x, cache, layer, start)
         return self.transformer.ln_f(x)
 
     def forward(
@@ -148,9 +147,10 @@ class GPT(nn.Module):
         weight = self.transformer.wte.weight
         return KVCache(self.config, batch_size, weight.device, weight.dtype)
 
-    def next_token_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run idx (B, T) after the cached positions and return the last position's logits (B, vocab)."""
-        return self.lm_head(self._hidden(idx, cache)[:, -1])
+    def next_token_logits(self, idx: torch.Tensor, cache: KVCache, input_pos: int) -> torch.Tensor:
+        """Run idx (B, T) at positions input_pos .. input_pos + T - 1, after the input_pos positions
+        already in the cache, and return the last position's logits (B, vocab)."""
+        return self.lm_head(self._hidden(idx, cache, input_pos)[:, -1])
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device=None, dtype=None) -> GPT:
@@ -160,8 +160,6 @@ class GPT(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state_dict, strict=True, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight
-        model.source = str(source)
         model.eval()
         return model.to(device=device, dtype=dtype or torch.float32)
 

@@ -1,26 +1,92 @@
-"""Autoregressive sampling with a KV cache: the one place every caller generates text from."""
+"""Autoregressive sampling with a KV cache: the one place every caller generates text from, and the
+one place sampling settings are defined, bounded and checked (SamplingParams)."""
 
 from __future__ import annotations
 
 import math
 import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .gpt import GPT
 from .tokenizer import EOT_TOKEN
 
+# The prompts the model card's samples and the app's examples use.
+EXAMPLE_PROMPTS = ("First Citizen:", "ROMEO:", "To be or not")
 
-def _check(max_new_tokens, temperature, top_k, top_p) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+class SamplingError(ValueError):
+    """A sampling setting out of its range; the message says what is allowed."""
+
+
+def checked_number(name: str, value, low: float, high: float, allowed: str, whole: bool = False) -> float | int:
+    """value as a number in [low, high], whatever a caller sent (JSON gives 20.0 for 20, so integral
+    floats count as whole); anything else raises SamplingError saying what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamplingError(f"{name} must be {allowed}; got {type(value).__name__} {_shown(value)}")
+    finite = not isinstance(value, float) or math.isfinite(value)  # math.isfinite(10**400) would overflow
+    if not finite or not low <= value <= high or (whole and value != int(value)):
+        raise SamplingError(f"{name} must be {allowed}; got {_shown(value)}")
+    return int(value) if whole else float(value)
+
+
+def _shown(value) -> str:
+    """A caller's value, shortened: errors echo it, never in full."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token, checked once when made. temperature 0 is greedy; top_k 0 and top_p 1
+    are off; seed None draws a random one, kept here so a run can be repeated. The defaults are what
+    every front end starts from; SERVED holds the narrower ranges an app offers its visitors (its
+    sliders and its request check read them: served())."""
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    DEFAULT_TOP_K: ClassVar[int] = 50  # what front ends offer first (0 here keeps the Python API unfiltered)
+    SEED_MAX: ClassVar[int] = 2**63 - 1
+    # (low, high) of each setting a served request may ask for
+    SERVED: ClassVar[dict[str, tuple[float, float]]] = {
+        "temperature": (0.0, 2.0),
+        "top_k": (0, 200),
+        "top_p": (0.05, 1.0),
+    }
+
+    def __post_init__(self) -> None:
+        self._set("temperature", 0.0, math.inf, "a finite number >= 0 (0 = greedy)")
+        self._set("top_k", 0, math.inf, "a whole number >= 0 (0 = off)", whole=True)
+        self._set("top_p", math.ulp(0.0), 1.0, "a number in (0, 1] (1 = off)")
+        if self.seed is None:
+            object.__setattr__(self, "seed", secrets.randbits(63))
+        else:
+            allowed = f"blank, -1 (random) or a whole number from 0 to {self.SEED_MAX}"
+            self._set("seed", 0, self.SEED_MAX, allowed, whole=True)
+
+    def _set(self, name: str, low: float, high: float, allowed: str, whole: bool = False) -> None:
+        object.__setattr__(self, name, checked_number(name, getattr(self, name), low, high, allowed, whole))  # frozen
+
+    @classmethod
+    def served(cls, temperature, top_k, top_p, seed) -> SamplingParams:
+        """Settings as a visitor of an app may send them (any JSON value): each within SERVED, else
+        SamplingError saying what is allowed; a seed of None or -1 is random."""
+        (t_low, t_high), (k_low, k_high), (p_low, p_high) = cls.SERVED.values()
+        temperature = checked_number(
+            "temperature", temperature, t_low, t_high, f"a number from {t_low:g} to {t_high:g} (0 = greedy)"
+        )
+        top_k = checked_number(
+            "top_k", top_k, k_low, k_high, f"a whole number from {k_low} to {k_high} (0 = off)", whole=True
+        )
+        top_p = checked_number("top_p", top_p, p_low, p_high, f"a number from {p_low:g} to {p_high:g} (1 = off)")
+        random = seed is None or (not isinstance(seed, bool) and isinstance(seed, (int, float)) and seed == -1)
+        return cls(temperature, top_k, top_p, None if random else seed)
 
 
 def sample_token(
@@ -28,10 +94,11 @@ def sample_token(
 ) -> int:
     """Draw a token from softmax(logits / temperature), restricted to the top_k most likely and to
     the smallest set whose probability reaches top_p (the most likely token always stays).
-    Temperature 0 or top_k 1 is greedy. Only the candidates are sorted and sampled, not the vocabulary."""
+    Temperature 0 or top_k 1 is greedy; a temperature too small to divide by gives the greedy token
+    too (ties shared), never a NaN. Only the candidates are sorted and sampled, not the vocabulary."""
     if temperature == 0 or top_k == 1:
         return int(logits.argmax())
-    logits, candidates = logits / temperature, None
+    logits, candidates = (logits - logits.max()) / temperature, None  # the best is 0: no overflow to inf - inf
     if top_k and top_k < logits.numel():
         logits, candidates = torch.topk(logits, top_k)  # sorted, most likely first
     if top_p is not None and top_p < 1.0:
@@ -45,8 +112,8 @@ def sample_token(
 
 
 @torch.inference_mode()
-def _logits(model: GPT, tokens: torch.Tensor, cache) -> torch.Tensor:
-    return model.next_token_logits(tokens, cache)[0].float()
+def _logits(model: GPT, tokens: list[int], cache, input_pos: int) -> torch.Tensor:
+    return model.next_token_logits(torch.tensor([tokens], device=model.device), cache, input_pos)[0].float()
 
 
 def generate(
@@ -57,42 +124,47 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    *,
+    params: SamplingParams | None = None,
 ) -> Iterator[int]:
-    """Yield up to max_new_tokens new token ids, one at a time. Temperature 0 is greedy; a seed
-    makes the output reproducible whatever else runs; stops after <|endoftext|>. The model runs in
-    eval mode while the generator is live. The prompt is
-    prefilled once into a KV cache, then one position runs per step; once the sequence outgrows
-    the context, each step runs on the last block_size tokens."""
-    _check(max_new_tokens, temperature, top_k, top_p)
+    """Yield up to max_new_tokens new token ids, one at a time, sampled as params says, else as the
+    keyword settings say (checked here: top_k None and top_p None are off, seed None is random).
+    A seed makes the output reproducible whatever else runs; stops after <|endoftext|>. The model runs
+    in eval mode while the generator is live. The prompt is prefilled once into a KV cache, then one
+    position runs per step; once the sequence outgrows the context, each step runs on the last
+    block_size tokens."""
+    if params is None:
+        params = SamplingParams(temperature, top_k or 0, 1.0 if top_p is None else top_p, seed)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SamplingError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     tokens = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
     if not tokens:
-        raise ValueError("prompt_ids is empty: give at least one token (e.g. the end-of-text token 50256)")
+        raise SamplingError("prompt_ids is empty: give at least one token (e.g. the end-of-text token 50256)")
     vocab_size = model.config.vocab_size
     if any(not 0 <= t < vocab_size for t in tokens):
-        raise ValueError(f"prompt_ids must be token ids in [0, {vocab_size})")
+        raise SamplingError(f"prompt_ids must be token ids in [0, {vocab_size})")
+    return _sample(model, tokens, max_new_tokens, params)
+
+
+def _sample(model: GPT, tokens: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[int]:
     block_size = model.config.block_size
-    device = model.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    generator = torch.Generator(device=model.device)
+    generator.manual_seed(params.seed)
     cache = model.new_kv_cache()
-
-    def prefill(window: list[int]) -> torch.Tensor:
-        cache.length = 0
-        return _logits(model, torch.tensor([window], device=device), cache)
-
     was_training = model.training
     model.eval()  # no dropout while sampling (and no draw from the global RNG a trainer relies on)
     try:
-        logits = prefill(tokens[-block_size:])
+        window = tokens[-block_size:]
+        logits, position = _logits(model, window, cache, 0), len(window)
         for step in range(max_new_tokens):
-            token = sample_token(logits, temperature, top_k, top_p, generator)
+            token = sample_token(logits, params.temperature, params.top_k, params.top_p, generator)
             yield token
             if token == EOT_TOKEN or step == max_new_tokens - 1:
                 return
             tokens.append(token)
-            if cache.length < block_size:
-                logits = _logits(model, torch.tensor([[token]], device=device), cache)
+            if position < block_size:
+                logits, position = _logits(model, [token], cache, position), position + 1
             else:  # positions are absolute, so a shifted window must be recomputed
-                logits = prefill(tokens[-block_size:])
+                logits = _logits(model, tokens[-block_size:], cache, 0)
     finally:
         model.train(was_training)

@@ -12,7 +12,8 @@ from app_server import ROOT, app_env, free_port, running_app, save_tiny_model
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from model import GPT, CheckpointError, generate, load_for_inference, load_tokenizer, stream_text
+from model import GPT, CheckpointError, generate, load_tokenizer, stream_text
+from serve import load_for_inference, precision_of
 
 PARAMETERS = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"]
 BLOCK_SIZE = 64  # the tiny preset's context
@@ -228,7 +229,7 @@ def test_flags_reach_load_for_inference(monkeypatch):
         calls.append((source, options))
         raise CheckpointError("no weights here")
 
-    monkeypatch.setattr(app, "load_for_inference", refuse)
+    monkeypatch.setattr(app.serve, "load_for_inference", refuse)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # main() would otherwise set this process's torch threads
     with pytest.raises(SystemExit) as exit:
         app.main(["--model", "somewhere", "--dtype", "bfloat16", "--quantize", "int8"])
@@ -242,4 +243,4 @@ def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tin
         client = Client(default_url, verbose=False)
         assert greedy(client, max_new_tokens=30) == expected(served, "ROMEO:", 30, temperature=0)
         panel = httpx.get(f"{default_url}/config", timeout=30).text
-    assert served.precision == "float32+int8" and "float32+int8" in panel
+    assert precision_of(served) == "float32+int8" and "float32+int8" in panel

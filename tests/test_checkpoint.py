@@ -1,6 +1,7 @@
 """model/checkpoint.py (through GPT.from_pretrained / save_pretrained / push_to_hub): parity with
 transformers both ways, nanoGPT files, the Hub cache, errors."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_transformers_checkpoint_loads_with_the_same_logits(tiny_config, hf_gpt2
     hf = hf_gpt2(tiny_config)
     hf.save_pretrained(tmp_path / "hf")
     model = GPT.from_pretrained(tmp_path / "hf")
-    assert model.config == tiny_config.replace(dropout=hf.config.resid_pdrop)
+    assert model.config == dataclasses.replace(tiny_config, dropout=hf.config.resid_pdrop)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert not model.training
     assert_same_logits(model, hf)
@@ -89,7 +90,7 @@ def test_gpt2model_checkpoint_without_transformer_prefix_loads(tiny_config, hf_g
     "as_folder, bias", [(False, True), (True, True), (False, False)], ids=["file", "folder", "no-bias"]
 )
 def test_nanogpt_pt_checkpoint_loads_with_the_same_logits(tiny_config, tmp_path, as_folder, bias):
-    config = tiny_config.replace(bias=bias)  # nanoGPT trains without biases by default
+    config = dataclasses.replace(tiny_config, bias=bias)  # nanoGPT trains without biases by default
     torch.manual_seed(0)
     source = perturb(GPT(config))
     state = {
@@ -117,7 +118,7 @@ def test_nanogpt_pt_checkpoint_loads_with_the_same_logits(tiny_config, tmp_path,
 
 def test_a_model_without_biases_cannot_take_the_transformers_layout(tiny_config, tmp_path):
     with pytest.raises(ValueError, match="needs bias=True"):
-        GPT(tiny_config.replace(bias=False)).save_pretrained(tmp_path)
+        GPT(dataclasses.replace(tiny_config, bias=False)).save_pretrained(tmp_path)
 
 
 # Checkpoints that do not fit

@@ -1,4 +1,4 @@
-"""model/inference.py: the precision chosen for serving, int8 and bf16 models that keep the fp32
+"""serve/inference.py: the precision chosen for serving, int8 and bf16 models that keep the fp32
 model's predictions, and the CPU thread count."""
 
 import json
@@ -9,9 +9,10 @@ import torch
 from test_checkpoint import logits_of
 from test_generate import PROMPT, greedy_by_recomputation, make_varied
 
-from model import generate, load_for_inference
-from model import inference as inference_module
-from model.inference import (
+from model import generate
+from serve import inference as inference_module
+from serve import load_for_inference, precision_of
+from serve.inference import (
     Int8Linear,
     PackedBF16Linear,
     cgroup_cpus,
@@ -31,7 +32,7 @@ def saved(tiny_model, tmp_path):
 def test_cpu_default_is_int8_weights_with_fp32_activations(saved):
     assert pick_precision(CPU) == (torch.float32, "int8")
     model = load_for_inference(saved, device="cpu")
-    assert model.precision == "float32+int8"
+    assert precision_of(model) == "float32+int8"
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears == [] and isinstance(model.lm_head, Int8Linear)
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * model.config.n_layer + 1
@@ -63,7 +64,7 @@ def test_bf16_on_the_cpu_runs_through_onednn_packed_layers(saved):
     if not onednn_bf16_supported():
         pytest.skip("this PyTorch build has no oneDNN")
     model = load_for_inference(saved, device="cpu", dtype="bfloat16")
-    assert model.precision == "bfloat16" and isinstance(model.lm_head, PackedBF16Linear)
+    assert precision_of(model) == "bfloat16" and isinstance(model.lm_head, PackedBF16Linear)
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     x = torch.randn(1, 3, model.config.n_embd).to(torch.bfloat16)
     assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, model.transformer.wte.weight))
@@ -71,7 +72,7 @@ def test_bf16_on_the_cpu_runs_through_onednn_packed_layers(saved):
 
 def test_fp32_on_request_and_without_int8_kernels(saved, monkeypatch):
     model = load_for_inference(saved, device="cpu", quantize="none")
-    assert model.precision == "float32" and model.lm_head.weight is model.transformer.wte.weight
+    assert precision_of(model) == "float32" and model.lm_head.weight is model.transformer.wte.weight
     assert pick_precision(CPU, dtype="bfloat16") == (torch.bfloat16, "none")
     monkeypatch.setattr(inference_module, "int8_supported", lambda: False)
     assert pick_precision(CPU) == (torch.float32, "none")

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import GPT, generate, load_tokenizer, render_model_card, stream_text
+from model import GPT, SamplingParams, generate, load_tokenizer, render_model_card, stream_text
 from model.checkpoint import CheckpointError, atomic_write, load_checkpoint, upload_folder
+from model.sampling import EXAMPLE_PROMPTS
 
 from . import outputs
 from .config import TrainConfig
@@ -24,9 +25,6 @@ from .data import Batches, DataError, load_tokens, split_held_out, windows
 from .machine import Machine
 
 log = logging.getLogger("train")
-
-SAMPLE_PROMPTS = ("First Citizen:", "ROMEO:", "To be or not")
-SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 50
 
 
 class Diverged(RuntimeError):
@@ -214,15 +212,9 @@ class Trainer:
 
     def samples(self) -> dict[str, str]:
         out = {}
-        for prompt in SAMPLE_PROMPTS:
-            ids = generate(
-                self.model,
-                self.tokenizer.encode(prompt),
-                self.config.sample_tokens,
-                temperature=SAMPLE_TEMPERATURE,
-                top_k=SAMPLE_TOP_K,
-                seed=self.config.seed,
-            )
+        params = SamplingParams(top_k=SamplingParams.DEFAULT_TOP_K, seed=self.config.seed)  # the app's defaults
+        for prompt in EXAMPLE_PROMPTS:
+            ids = generate(self.model, self.tokenizer.encode(prompt), self.config.sample_tokens, params=params)
             out[prompt] = prompt + "".join(stream_text(ids, self.tokenizer))
         return out
 

@@ -4,85 +4,55 @@ facts about a loaded model that an app shows. No UI here: any front end can use 
 from __future__ import annotations
 
 import logging
-import math
-import reprlib
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from model import EOT_TOKEN, GPT, SamplingParams, checkpoint, generate, load_tokenizer, stream_text
+from model.sampling import SamplingError, checked_number
+from model.tokenizer import TextEncoding
 
-from . import checkpoint
-from .gpt import GPT
-from .sampling import generate
-from .tokenizer import EOT_TOKEN, TextEncoding, load_tokenizer, stream_text
+from .inference import precision_of
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 100_000  # far beyond any context; bounds the tokenizer's work per request
-TEMPERATURE_MAX = 2.0
-TOP_K_MAX = 200
-TOP_P_MIN = 0.05
-SEED_MAX = 2**63 - 1
-RANDOM_SEED = -1
-
-
-class RequestError(ValueError):
-    """A request the caller has to change; the message says what is allowed."""
+RequestError = SamplingError  # a request the caller has to change; the message says what is allowed
 
 
 @dataclass(frozen=True)
 class Request:
-    """A checked generation request. prompt_ids is what the model reads: the prompt's last
-    block_size tokens."""
+    """A checked generation request: the prompt, all its token ids (the model reads the last
+    `context` of them), how many tokens to add and how to sample them."""
 
     prompt: str
     prompt_ids: list[int]
-    prompt_tokens: int
+    context: int
     max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float
-    seed: int
+    params: SamplingParams
 
     @property
     def cropped(self) -> bool:
-        return self.prompt_tokens > len(self.prompt_ids)
+        return len(self.prompt_ids) > self.context
+
+    @property
+    def seed(self) -> int:
+        return self.params.seed
 
 
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 40  # a caller's value is echoed in errors, never in full
-
-
-def _shown(value) -> str:
-    return _short.repr(value)
-
-
-def _number(name: str, value, low: float, high: float, allowed: str, whole: bool = False) -> float | int:
-    """value as a number in [low, high]; JSON callers may send 20.0 for 20, so integral floats count as whole."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{name} must be {allowed}; got {type(value).__name__} {_shown(value)}")
-    finite = not isinstance(value, float) or math.isfinite(value)  # math.isfinite(10**400) would overflow
-    if not finite or not low <= value <= high or (whole and value != int(value)):
-        raise RequestError(f"{name} must be {allowed}; got {_shown(value)}")
-    return int(value) if whole else float(value)
-
-
-def check_prompt(prompt, block_size: int, tokenizer: TextEncoding | None = None) -> tuple[list[int], int]:
-    """The token ids the model reads (the last block_size) and the prompt's full token count."""
+def check_prompt(prompt, tokenizer: TextEncoding | None = None) -> list[int]:
+    """The prompt's token ids; a prompt that is not non-blank text of a sane length is refused."""
     if not isinstance(prompt, str):
-        raise RequestError(f"prompt must be text (a string); got {type(prompt).__name__} {_shown(prompt)}")
+        raise RequestError(f"prompt must be text (a string); got {type(prompt).__name__} {str(prompt)[:40]!r}")
     if not prompt.strip():
         raise RequestError("prompt is empty: type some text for the model to continue, e.g. 'ROMEO:'")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise RequestError(
             f"prompt is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} are allowed "
-            f"(the model reads only the last {block_size} tokens)"
+            "(the model reads only the last context of tokens)"
         )
-    ids = (tokenizer or load_tokenizer()).encode(prompt)
-    return ids[-block_size:], len(ids)
+    return (tokenizer or load_tokenizer()).encode(prompt)
 
 
 def check_request(
@@ -95,25 +65,15 @@ def check_request(
     seed,
     tokenizer: TextEncoding | None = None,
 ) -> Request:
-    """Check every parameter as a caller may send it (any JSON value) and return the request
-    to run; raise RequestError saying what is allowed. top_k 0 is off; a seed of None or -1
-    draws a random one, recorded in the request so the run can be repeated."""
+    """Check every parameter as a caller may send it (any JSON value) and return the request to run;
+    raise RequestError saying what is allowed. The sampling settings are checked by
+    SamplingParams.served (top_k 0 is off; a seed of None or -1 draws a random one, recorded)."""
     block_size = model.config.block_size
-    prompt_ids, prompt_tokens = check_prompt(prompt, block_size, tokenizer)
-    max_new_tokens = _number(
-        "max_new_tokens", max_new_tokens, 1, block_size, f"a whole number from 1 to {block_size}", whole=True
-    )
-    temperature = _number(
-        "temperature", temperature, 0, TEMPERATURE_MAX, f"a number from 0 to {TEMPERATURE_MAX:g} (0 = greedy)"
-    )
-    top_k = _number("top_k", top_k, 0, TOP_K_MAX, f"a whole number from 0 to {TOP_K_MAX} (0 = off)", whole=True)
-    top_p = _number("top_p", top_p, TOP_P_MIN, 1.0, f"a number from {TOP_P_MIN:g} to 1 (1 = off)")
-    if seed is None or (not isinstance(seed, bool) and seed == RANDOM_SEED):
-        seed = secrets.randbits(63)
-    else:
-        allowed = f"blank, -1 (random) or a whole number from 0 to {SEED_MAX}"
-        seed = _number("seed", seed, 0, SEED_MAX, allowed, whole=True)
-    return Request(prompt, prompt_ids, prompt_tokens, max_new_tokens, temperature, top_k or None, top_p, seed)
+    prompt_ids = check_prompt(prompt, tokenizer)
+    allowed = f"a whole number from 1 to {block_size}"
+    max_new_tokens = checked_number("max_new_tokens", max_new_tokens, 1, block_size, allowed, whole=True)
+    params = SamplingParams.served(temperature, top_k, top_p, seed)
+    return Request(prompt, prompt_ids, block_size, max_new_tokens, params)
 
 
 @dataclass
@@ -139,10 +99,10 @@ class RunStats:
         return " ".join([text + ".", *self.notes])
 
 
-def crop_note(request: Request, block_size: int) -> str:
+def crop_note(request: Request) -> str:
     return (
-        f"The prompt is {request.prompt_tokens} tokens, longer than the model's context of {block_size}: "
-        f"the model read only its last {block_size} tokens."
+        f"The prompt is {len(request.prompt_ids)} tokens, longer than the model's context of {request.context}: "
+        f"the model read only its last {request.context} tokens."
     )
 
 
@@ -154,7 +114,7 @@ def stream_completion(
     tokenizer = tokenizer or load_tokenizer()
     stats = RunStats(seed=request.seed)
     if request.cropped:
-        stats.notes.append(crop_note(request, model.config.block_size))
+        stats.notes.append(crop_note(request))
     yield request.prompt, stats
     start = time.perf_counter()
 
@@ -166,15 +126,7 @@ def stream_completion(
             stats.new_tokens += 1
             yield token
 
-    token_ids = generate(
-        model,
-        request.prompt_ids,
-        request.max_new_tokens,
-        temperature=request.temperature,
-        top_k=request.top_k,
-        top_p=request.top_p,
-        seed=request.seed,
-    )
+    token_ids = generate(model, request.prompt_ids, request.max_new_tokens, params=request.params)
     text = request.prompt
     for chunk in stream_text(timed(token_ids), tokenizer):
         text += chunk
@@ -192,7 +144,7 @@ def warm_up(model: GPT) -> None:
 def _card_metrics(folder: Path) -> dict:
     try:
         return checkpoint.read_model_card_metrics(folder)
-    except (ValueError, yaml.YAMLError) as err:  # a hand-edited card must not stop the model being served
+    except checkpoint.CheckpointError as err:  # a hand-edited card must not stop the model being served
         log.warning("could not read the training metrics in %s: %s", folder / checkpoint.CARD_NAME, err)
         return {}
 
@@ -221,7 +173,7 @@ class ModelFacts:
             parameters=model.num_parameters(),
             shape=f"{config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "
             f"context {config.block_size} tokens",
-            precision=getattr(model, "precision", str(model.transformer.wte.weight.dtype).removeprefix("torch.")),
+            precision=precision_of(model),
             metrics=_card_metrics(folder),
             loss_curve=curve if curve.is_file() else None,
         )

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .gpt import GPT
+from model import GPT
+from model.device import fast_dtype, pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZE = ("none", "int8")
@@ -119,12 +120,6 @@ def quantize_int8(model: GPT) -> GPT:
     return _replace_linears(model, Int8Linear)
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def pick_precision(device: torch.device, dtype: str = "auto", quantize: str = "auto") -> tuple[torch.dtype, str]:
     """The weight dtype and quantisation to serve with: on CUDA bf16 (fp16 where bf16 is not
     supported); on the CPU int8 weights with fp32 activations (its held-out loss is within 1% of
@@ -133,11 +128,10 @@ def pick_precision(device: torch.device, dtype: str = "auto", quantize: str = "a
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     if quantize != "auto" and quantize not in QUANTIZE:
         raise ValueError(f"quantize must be auto or one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    auto_dtype = fast_dtype(device)
     if device.type == "cuda":
-        auto_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         auto_quantize = "none"
     else:
-        auto_dtype = torch.float32
         auto_quantize = "int8" if dtype in ("auto", "float32") and int8_supported() else "none"
     chosen_dtype = auto_dtype if dtype == "auto" else DTYPES[dtype]
     chosen_quantize = auto_quantize if quantize == "auto" else quantize
@@ -150,13 +144,18 @@ def pick_precision(device: torch.device, dtype: str = "auto", quantize: str = "a
 
 def load_for_inference(source: str | Path, device: str = "auto", dtype: str = "auto", quantize: str = "auto") -> GPT:
     """GPT.from_pretrained(source), moved to the device and precision that serve it best
-    (see pick_precision); model.precision names what was chosen."""
-    target = pick_device(device)
+    (see pick_precision); precision_of(model) names what was chosen."""
+    target = pick_device(device)  # raises ValueError for CUDA on a machine without a GPU
     weight_dtype, quantization = pick_precision(target, dtype, quantize)
     model = GPT.from_pretrained(source, device=target, dtype=weight_dtype)
     if quantization == "int8":
         quantize_int8(model)
     elif target.type == "cpu" and weight_dtype == torch.bfloat16 and onednn_bf16_supported():
         _replace_linears(model, PackedBF16Linear)
-    model.precision = str(weight_dtype).removeprefix("torch.") + ("" if quantization == "none" else "+int8")
     return model
+
+
+def precision_of(model: GPT) -> str:
+    """What a model computes in: its weight dtype, plus "+int8" when its Linear layers are int8."""
+    dtype = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+    return dtype + ("+int8" if isinstance(model.lm_head, Int8Linear) else "")

@@ -1,0 +1,298 @@
+"""model/sampling.py semantics: the exact kept sets and distribution of temperature, top-k and top-p
+against transformers' warpers, seeds, and tiny temperatures."""
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from model import generate
+from model.sampling import SamplingError, SamplingParams, checked_number, sample_token
+
+PROMPT = [464, 3290, 373, 257]
+VOCAB = 12
+DRAWS = 2000
+
+
+def reference_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
+    """transformers' warpers in generate()'s order (temperature, top-k, top-p): -inf marks a dropped token."""
+    scores = TemperatureLogitsWarper(temperature)(None, logits.double()[None])
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None and top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores[0]
+
+
+def draw(logits: torch.Tensor, temperature: float, top_k, top_p, seed: int = 0, draws: int = DRAWS) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = [sample_token(logits, temperature, top_k, top_p, generator) for _ in range(draws)]
+    return torch.bincount(torch.tensor(tokens), minlength=len(logits)).double() / draws
+
+
+def assert_distribution(frequencies: torch.Tensor, expected: torch.Tensor, draws: int = DRAWS) -> None:
+    """The same support, and each frequency within 4.5 standard deviations of its probability."""
+    assert set(frequencies.nonzero().flatten().tolist()) == set(expected.nonzero().flatten().tolist())
+    sigma = (expected * (1 - expected) / draws).sqrt()
+    assert ((frequencies - expected).abs() <= 4.5 * sigma + 1e-9).all(), (frequencies, expected)
+
+
+def spread_logits(generator: torch.Generator, temperature: float) -> torch.Tensor:
+    """Distinct logits whose values / temperature span [0, 2.5]: every token keeps over 0.5% of the mass."""
+    values = torch.linspace(0, 2.5, VOCAB, dtype=torch.float64)[torch.randperm(VOCAB, generator=generator)]
+    values = values + torch.rand(VOCAB, generator=generator, dtype=torch.float64) * 0.1
+    return (values * temperature).float()
+
+
+def nucleus_between(logits: torch.Tensor, temperature: float, top_k: int | None, size: int) -> float:
+    """A top_p half-way between the mass of the `size - 1` and the `size` most likely candidates."""
+    scaled = reference_logits(logits, temperature, top_k, None)
+    mass = scaled.softmax(-1).sort(descending=True).values.cumsum(-1)
+    return float((mass[size - 2] + mass[size - 1]) / 2) if size > 1 else float(mass[0] / 2)
+
+
+CASES = [  # (temperature, top_k, nucleus size or None)
+    (1.0, None, None),
+    (0.5, None, None),
+    (2.0, None, None),
+    (1.0, 3, None),
+    (0.7, 5, None),
+    (3.0, VOCAB - 1, None),
+    (1.0, None, 1),
+    (1.0, None, 4),
+    (0.5, None, 7),
+    (2.5, None, VOCAB - 1),
+    (1.5, 6, 3),
+    (0.8, 9, 8),
+]
+
+
+@pytest.mark.parametrize("temperature, top_k, size", CASES)
+@pytest.mark.parametrize("case", range(2))
+def test_kept_set_and_distribution_match_transformers_warpers(temperature, top_k, size, case):
+    """sample_token draws from softmax of the logits transformers' warpers keep, nothing else."""
+    logits = spread_logits(torch.Generator().manual_seed(100 * case + len(str(CASES))), temperature)
+    top_p = None if size is None else nucleus_between(logits, temperature, top_k, size)
+    expected = reference_logits(logits, temperature, top_k, top_p)
+    kept = int(torch.isfinite(expected).sum())
+    assert kept == (size or top_k or VOCAB)
+    assert_distribution(draw(logits, temperature, top_k, top_p, seed=case), expected.softmax(-1))
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    """top_k=k can return each of the k most likely tokens and no other."""
+    logits = torch.tensor([0.5, 3.0, 1.0, 2.9, 2.8, 0.0, 2.7, 1.5])
+    for k in range(2, len(logits)):
+        frequencies = draw(logits, 1.0, k, None, draws=600)
+        assert set(frequencies.nonzero().flatten().tolist()) == set(logits.topk(k).indices.tolist())
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    """The nucleus is the smallest most-likely set whose mass reaches top_p: the token crossing it is kept."""
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = probs.log()
+    for top_p, size in [(0.35, 1), (0.45, 2), (0.65, 2), (0.75, 3), (0.85, 3), (0.95, 4)]:
+        frequencies = draw(logits, 1.0, None, top_p, draws=600)
+        assert set(frequencies.nonzero().flatten().tolist()) == set(range(size)), top_p
+
+
+def test_temperature_scales_the_logits_before_sampling():
+    """At temperature T the draws follow softmax(logits / T) on a 4-token vocabulary."""
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    for temperature in (0.5, 1.0, 2.0, 4.0):
+        frequencies = draw(logits, temperature, None, None, seed=3, draws=4000)
+        assert_distribution(frequencies, (logits.double() / temperature).softmax(-1), draws=4000)
+
+
+def test_temperature_is_applied_before_the_nucleus_is_chosen():
+    """A flatter temperature widens the top-p nucleus, as it does in transformers."""
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    top_p = 0.8  # at temperature 1 the nucleus is 2 tokens (0.66 + 0.24); at temperature 3 it is 3
+    expected = reference_logits(logits, 3.0, None, top_p)
+    assert int(torch.isfinite(expected).sum()) == 3
+    assert_distribution(draw(logits, 3.0, None, top_p, seed=5), expected.softmax(-1))
+    assert set(draw(logits, 1.0, None, top_p, seed=5).nonzero().flatten().tolist()) == {0, 1}
+
+
+def test_top_k_then_top_p_renormalises_over_the_k():
+    """With both filters, top-p measures mass within the top-k candidates (transformers' order)."""
+    logits = torch.tensor([2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3])
+    # over 8 tokens 3 reach 0.5 (0.43 before the third); over the top 3 only, 2 do (0.68)
+    expected = reference_logits(logits, 1.0, 3, 0.5)
+    assert int(torch.isfinite(expected).sum()) == 2
+    assert_distribution(draw(logits, 1.0, 3, 0.5, seed=2), expected.softmax(-1))
+
+
+def test_top_k_of_the_whole_vocabulary_or_more_is_off():
+    """top_k >= vocabulary size and top_p 1 filter nothing."""
+    logits = torch.tensor([0.0, 0.5, 1.0, 1.5])
+    expected = logits.double().softmax(-1)
+    for top_k, top_p in [(4, None), (10, 1.0), (0, None), (None, 1.0)]:
+        assert_distribution(draw(logits, 1.0, top_k, top_p, seed=1), expected)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (5, None), (None, 0.9), (5, 0.9)])
+def test_a_tiny_temperature_is_greedy_never_nan(top_k, top_p):
+    """Temperature 1e-40 gives the argmax (never a NaN or a crash), whatever the filters."""
+    generator = torch.Generator().manual_seed(0)
+    for seed in range(20):
+        logits = torch.randn(50, generator=torch.Generator().manual_seed(seed)) * 3
+        assert sample_token(logits, 1e-40, top_k, top_p, generator) == int(logits.argmax())
+
+
+def test_a_tiny_temperature_shares_ties():
+    """Tied best logits at temperature 1e-40 are drawn about evenly, others never."""
+    logits = torch.tensor([1.0, 3.0, 3.0, 0.0, 2.999])
+    frequencies = draw(logits, 1e-40, None, None, draws=1000)
+    assert_distribution(frequencies, torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0], dtype=torch.float64), draws=1000)
+
+
+def test_a_tiny_temperature_generates_the_greedy_tokens(tiny_model):
+    """generate() at temperature 1e-40 matches temperature 0."""
+    greedy = list(generate(tiny_model, PROMPT, 12, temperature=0))
+    assert list(generate(tiny_model, PROMPT, 12, temperature=1e-40, seed=4)) == greedy
+
+
+def test_greedy_settings_return_the_argmax_without_drawing():
+    """Temperature 0 and top_k 1 return the argmax and leave the generator untouched."""
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
+    for temperature, top_k in [(0, None), (0.0, 5), (1.0, 1), (50.0, 1)]:
+        generator = torch.Generator().manual_seed(9)
+        state = generator.get_state()
+        assert sample_token(logits, temperature, top_k, 0.5, generator) == 1
+        assert torch.equal(generator.get_state(), state)
+
+
+def test_seed_zero_is_a_real_seed(tiny_model):
+    """Seed 0 repeats itself and differs from seed 1; it is not taken for 'no seed'."""
+    assert SamplingParams(seed=0).seed == 0
+    runs = [tuple(generate(tiny_model, PROMPT, 8, temperature=1.0, seed=0)) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert runs[0] != tuple(generate(tiny_model, PROMPT, 8, temperature=1.0, seed=1))
+    assert tuple(generate(tiny_model, PROMPT, 8, params=SamplingParams(1.0, seed=0))) == runs[0]
+
+
+def test_seed_none_is_random_and_recorded():
+    """Seed None draws a fresh 63-bit seed each time, recorded in the params."""
+    seeds = [SamplingParams().seed for _ in range(8)]
+    assert len(set(seeds)) == 8 and all(isinstance(s, int) and 0 <= s <= SamplingParams.SEED_MAX for s in seeds)
+    assert any(s >= 2**40 for s in seeds)  # the whole 63-bit range, not a small one
+
+
+def test_generate_passes_every_setting_to_the_sampler(tiny_model):
+    """generate()'s keyword settings and params= give the same tokens as SamplingParams with those values."""
+    settings = dict(temperature=1.3, top_k=7, top_p=0.8, seed=11)
+    by_keywords = list(generate(tiny_model, PROMPT, 10, **settings))
+    assert list(generate(tiny_model, PROMPT, 10, params=SamplingParams(**settings))) == by_keywords
+    for changed in (dict(temperature=0.4), dict(top_k=2), dict(top_p=0.3), dict(seed=12)):
+        assert list(generate(tiny_model, PROMPT, 10, **(settings | changed))) != by_keywords, changed
+
+
+def test_defaults_and_off_values():
+    """The defaults: temperature 0.8, top_k 0 (off), top_p 1 (off); generate()'s None means off."""
+    params = SamplingParams(seed=1)
+    assert (params.temperature, params.top_k, params.top_p, params.seed) == (0.8, 0, 1.0, 1)
+    assert SamplingParams.DEFAULT_TOP_K == 50
+    assert SamplingParams.SERVED == {"temperature": (0.0, 2.0), "top_k": (0, 200), "top_p": (0.05, 1.0)}
+
+
+@pytest.mark.parametrize(
+    "value, low, high, whole, expected",
+    [(3, 0, 5, False, 3.0), (0, 0, 5, True, 0), (5.0, 0, 5, True, 5), (0.0, 0.0, 1.0, False, 0.0), (1, 1, 1, True, 1)],
+)
+def test_checked_number_accepts_its_closed_range(value, low, high, whole, expected):
+    """checked_number accepts both ends of [low, high] and returns an int for whole numbers."""
+    got = checked_number("x", value, low, high, "allowed", whole)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "value, whole, shown",
+    [
+        (True, False, "x must be allowed; got bool True"),
+        ("3", False, "x must be allowed; got str '3'"),
+        (None, False, "x must be allowed; got NoneType None"),
+        (-0.001, False, "x must be allowed; got -0.001"),
+        (5.001, False, "x must be allowed; got 5.001"),
+        (2.5, True, "x must be allowed; got 2.5"),
+        (math.inf, False, "x must be allowed; got inf"),
+        (math.nan, False, "x must be allowed; got nan"),
+        (10**400, True, "x must be allowed; got " + "1" + "0" * 36 + "..."),
+        ("y" * 50, False, "x must be allowed; got str '" + "y" * 36 + "..."),
+    ],
+)
+def test_checked_number_refuses_with_the_exact_message(value, whole, shown):
+    """Out-of-range, non-finite, non-whole and non-numbers raise SamplingError echoing at most 40 characters."""
+    with pytest.raises(SamplingError) as error:
+        checked_number("x", value, 0, 5, "allowed", whole)
+    assert str(error.value) == shown
+
+
+def test_shown_values_of_exactly_40_characters_are_kept_whole():
+    """A value whose repr is 40 characters is echoed in full; 41 are cut to 37 plus '...'."""
+    for length, shown in [(38, "'" + "a" * 38 + "'"), (39, "'" + "a" * 36 + "...")]:
+        with pytest.raises(SamplingError) as error:
+            checked_number("x", "a" * length, 0, 1, "allowed")
+        assert str(error.value) == f"x must be allowed; got str {shown}"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(temperature=-1e-9), "temperature must be a finite number >= 0 (0 = greedy); got -1e-09"),
+        (dict(top_k=-1), "top_k must be a whole number >= 0 (0 = off); got -1"),
+        (dict(top_k=1.5), "top_k must be a whole number >= 0 (0 = off); got 1.5"),
+        (dict(top_p=0.0), "top_p must be a number in (0, 1] (1 = off); got 0.0"),
+        (dict(top_p=1.0000001), "top_p must be a number in (0, 1] (1 = off); got 1.0000001"),
+        (dict(seed=-1), f"seed must be blank, -1 (random) or a whole number from 0 to {2**63 - 1}; got -1"),
+        (dict(seed=2**63), f"seed must be blank, -1 (random) or a whole number from 0 to {2**63 - 1}; got {2**63}"),
+        (dict(seed=1.5), f"seed must be blank, -1 (random) or a whole number from 0 to {2**63 - 1}; got 1.5"),
+    ],
+)
+def test_sampling_params_refuse_out_of_range_values(changes, message):
+    """SamplingParams names the setting, its allowed range and the value."""
+    with pytest.raises(SamplingError) as error:
+        SamplingParams(**changes)
+    assert str(error.value) == message
+
+
+def test_sampling_params_accept_their_range_ends():
+    """The smallest and largest allowed values are kept, normalised to float / int."""
+    params = SamplingParams(temperature=0, top_k=3.0, top_p=math.ulp(0.0), seed=float(2**52))
+    assert (params.temperature, params.top_k, params.top_p, params.seed) == (0.0, 3, math.ulp(0.0), 2**52)
+    assert type(params.temperature) is float and type(params.top_k) is int and type(params.seed) is int
+    assert SamplingParams(top_p=1, seed=SamplingParams.SEED_MAX).seed == 2**63 - 1
+    assert type(SamplingParams(top_p=1, seed=0).top_p) is float
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(temperature=2.01), "temperature must be a number from 0 to 2 (0 = greedy); got 2.01"),
+        (dict(temperature=-0.1), "temperature must be a number from 0 to 2 (0 = greedy); got -0.1"),
+        (dict(top_k=201), "top_k must be a whole number from 0 to 200 (0 = off); got 201"),
+        (dict(top_k=-1), "top_k must be a whole number from 0 to 200 (0 = off); got -1"),
+        (dict(top_p=0.049), "top_p must be a number from 0.05 to 1 (1 = off); got 0.049"),
+        (dict(top_p=1.01), "top_p must be a number from 0.05 to 1 (1 = off); got 1.01"),
+        (dict(seed=-2), "seed must be blank, -1 (random) or a whole number from 0 to"),
+        (dict(seed=True), "seed must be blank, -1 (random) or a whole number from 0 to"),
+        (dict(seed="-1"), "seed must be blank, -1 (random) or a whole number from 0 to"),
+    ],
+)
+def test_served_ranges_are_enforced_with_their_message(changes, message):
+    """SamplingParams.served refuses values outside SERVED, saying the served range."""
+    settings = dict(temperature=0.8, top_k=50, top_p=1.0, seed=1) | changes
+    with pytest.raises(SamplingError) as error:
+        SamplingParams.served(**settings)
+    assert str(error.value).startswith(message)
+
+
+def test_served_accepts_its_range_ends_and_random_seeds():
+    """served() accepts both ends of each range; None, -1 and -1.0 draw a random seed, 0 is seed 0."""
+    low = SamplingParams.served(0, 0, 0.05, 0)
+    high = SamplingParams.served(2, 200, 1, SamplingParams.SEED_MAX)
+    assert (low.temperature, low.top_k, low.top_p, low.seed) == (0.0, 0, 0.05, 0)
+    assert (high.temperature, high.top_k, high.top_p, high.seed) == (2.0, 200, 1.0, 2**63 - 1)
+    for seed in (None, -1, -1.0):
+        assert len({SamplingParams.served(1, 1, 1, seed).seed for _ in range(4)}) == 4
