@@ -15,6 +15,7 @@ from model import CheckpointError, SamplingParams, load_tokenizer
 from model.sampling import EXAMPLE_PROMPTS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+log = logging.getLogger("app")
 CONCURRENCY_LIMIT = 2  # a Space's "CPU basic" has 2 vCPUs
 QUEUE_SIZE = 32
 
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or default_host)
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860))
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
         help="weight dtype; auto: bf16 (or fp16) on CUDA, fp32 activations on the CPU",
@@ -52,8 +54,9 @@ def build(model, facts: serve.ModelFacts) -> gr.Blocks:
         top_p 1 are off; seed None or -1 draws a random seed. The stream yields the growing text."""
         try:
             request = serve.check_request(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer)
-        except serve.RequestError as err:
-            raise gr.Error(str(err)) from None
+        except serve.RequestError as err:  # the caller's mistake: one log line, not a traceback
+            log.info("refused a request: %s", err)
+            raise gr.Error(str(err), print_exception=False) from None
         if request.cropped:
             gr.Warning(serve.crop_note(request))
         for text, stats in serve.stream_completion(model, request, tokenizer):
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's start-up checks, one line each
     threads = serve.use_cpu_threads()
     try:
-        model = serve.load_for_inference(args.model, device="auto", dtype=args.dtype, quantize=args.quantize)
+        model = serve.load_for_inference(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
         facts = serve.ModelFacts.of(model, args.model)
     except (CheckpointError, ValueError) as err:
         origin = {os.environ.get("MODEL_ID"): "env MODEL_ID", str(ASSETS): "the default, assets/"}.get(args.model)

@@ -13,21 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from gradio_client import Client  # noqa: E402
 
 import serve  # noqa: E402
 from model import load_tokenizer  # noqa: E402
-from tests.app_server import app_env, free_port, wait_until_up  # noqa: E402
+from serve.launch import app_env, running_app  # noqa: E402
 
 PROMPT = "ROMEO:"
 READY_GOAL_S, FIRST_TOKEN_GOAL_S = 10.0, 0.5
@@ -63,25 +59,15 @@ def main() -> None:
     parser.add_argument("app_flags", nargs="*", help="passed to app.py after --, e.g. -- --quantize int8")
     args = parser.parse_args()
 
-    port = free_port()
-    command = [sys.executable, str(ROOT / "app.py"), "--model", args.model, "--port", str(port), *args.app_flags]
+    app_args = ["--model", args.model, *args.app_flags]
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other work slows every figure)")
-    print("command:", " ".join(command[1:]))
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "app.log"
-        with open(log, "w") as out:
-            launched = time.perf_counter()
-            process = subprocess.Popen(command, cwd=ROOT, env=app_env(), stdout=out, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            ready = wait_until_up(url, process, log)
-            client = Client(url, verbose=False)
-            through_the_app(client, args.max_new_tokens, seed=0)
-            first_answer = time.perf_counter() - launched
-            runs = [through_the_app(client, args.max_new_tokens, seed) for seed in range(1, args.runs + 1)]
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    print("command: app.py --port PORT", " ".join(app_args))
+    launched = time.perf_counter()
+    with running_app(ROOT / "app.py", *app_args, env=app_env()) as app:
+        client, ready = Client(app.url, verbose=False), app.ready_seconds
+        through_the_app(client, args.max_new_tokens, seed=0)
+        first_answer = time.perf_counter() - launched
+        runs = [through_the_app(client, args.max_new_tokens, seed) for seed in range(1, args.runs + 1)]
 
     model = serve.load_for_inference(args.model)
     serve.warm_up(model)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from model import GPT, GPTConfig, generate  # noqa: E402
 from serve import load_for_inference  # noqa: E402

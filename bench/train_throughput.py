@@ -10,14 +10,12 @@ in the same run.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from model import GPT  # noqa: E402
 from train.config import parse_config  # noqa: E402

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import tokenizer
@@ -31,20 +32,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be found, read or matched to the model."""
 
 
+# Bounds for a shape read from a file: far above any GPT-2 (XL: 48 layers, 25 heads, n_embd 1600,
+# context 1024), far below what would exhaust a machine before a single tensor is checked.
+CONFIG_LIMITS = {"n_layer": 512, "n_head": 1024, "n_embd": 65536, "block_size": 1 << 20, "vocab_size": 1 << 22}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def normalized_name(name: str) -> str | None:
+    """This package's name for a tensor name of any supported layout (None: a buffer to drop): strip
+    torch.compile / DDP prefixes, add the `transformer.` prefix that GPT2Model checkpoints lack."""
+    for prefix in WRAPPER_PREFIXES:
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    if name.endswith(IGNORED_SUFFIXES):
+        return None
+    return name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+
+
 def normalize_state_dict(state_dict: dict, config: GPTConfig | None = None) -> dict:
-    """Map any supported layout onto this package's names and nn.Linear orientation: strip
-    torch.compile / DDP prefixes, add the `transformer.` prefix that GPT2Model checkpoints
-    lack, drop mask buffers, and transpose Conv1D weights."""
-    out = {}
-    for name, tensor in state_dict.items():
-        for prefix in WRAPPER_PREFIXES:
-            while name.startswith(prefix):
-                name = name[len(prefix) :]
-        if name.endswith(IGNORED_SUFFIXES):
-            continue
-        if not name.startswith(("transformer.", "lm_head.")):
-            name = "transformer." + name
-        out[name] = tensor
+    """Map any supported layout onto this package's names (normalized_name) and nn.Linear orientation
+    (Conv1D weights transposed)."""
+    out = {new: tensor for name, tensor in state_dict.items() if (new := normalized_name(name)) is not None}
     c_attn = out.get("transformer.h.0.attn.c_attn.weight")
     if c_attn is not None and c_attn.shape[1] == 3 * c_attn.shape[0]:  # Conv1D (C, 3C)
         out = {k: v.t().contiguous() if k.endswith(CONV1D_SUFFIXES) else v for k, v in out.items()}
@@ -71,17 +79,54 @@ def check_state_dict(state_dict: dict, expected: dict, strict: bool = True) -> N
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
+    """The GPTConfig of a Hugging Face GPT-2 config.json, each size within CONFIG_LIMITS."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"config.json holds a {type(hf).__name__}, not a GPT-2 config object")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"config.json has model_type {hf.get('model_type')!r}; only 'gpt2' is supported")
-    return GPTConfig(
+    fields = dict(
         block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
         vocab_size=hf.get("vocab_size", 50257),
         n_layer=hf.get("n_layer", 12),
         n_head=hf.get("n_head", 12),
         n_embd=hf.get("n_embd", 768),
-        dropout=hf.get("resid_pdrop", 0.0),
-        bias=hf.get("bias", True),
     )
+    for name, value in fields.items():
+        limit = CONFIG_LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise CheckpointError(f"config.json: {name} must be a whole number from 1 to {limit:,}, got {value!r:.40}")
+    dropout = hf.get("resid_pdrop", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise CheckpointError(f"config.json: resid_pdrop must be a number in [0, 1), got {dropout!r:.40}")
+    try:
+        return GPTConfig(**fields, dropout=dropout, bias=bool(hf.get("bias", True)))
+    except ValueError as err:
+        raise CheckpointError(f"config.json: {err}") from None
+
+
+def check_shapes(config: GPTConfig, shapes: dict[str, tuple], source: Path) -> None:
+    """The config agrees with the tensors' shapes (names as normalized_name gives them): the embeddings'
+    sizes and the number of layers. Runs on a safetensors header before any tensor is read or any layer
+    is built, so a hostile config.json cannot make the loader allocate what the file does not hold."""
+    problems = []
+    for name, expected in (("transformer.wte.weight", (config.vocab_size, config.n_embd)),
+                           ("transformer.wpe.weight", (config.block_size, config.n_embd))):  # fmt: skip
+        if name in shapes and tuple(shapes[name]) != expected:
+            problems.append(f"{name} is {tuple(shapes[name])}, the config says {expected}")
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    if config.n_layer > len(layers):  # more layers in the file: the strict load names the unexpected tensors
+        problems.append(f"the config says {config.n_layer} layers, the weights hold {len(layers)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match its config.json: " + "; ".join(problems))
+
+
+def check_values(state_dict: dict, source: Path) -> None:
+    """Every tensor holds finite floating-point numbers."""
+    for name, tensor in state_dict.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{source}: tensor {name} has dtype {tensor.dtype}; GPT-2 weights are floating point")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values; the checkpoint is damaged")
 
 
 def config_to_hf(config: GPTConfig, dtype: torch.dtype) -> dict:
@@ -118,9 +163,11 @@ def infer_config(state_dict: dict, hints: dict | None = None) -> GPTConfig:
         raise CheckpointError(f"checkpoint has no tensor {missing.args[0]}; is it a GPT-2 checkpoint?") from None
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
     n_head = hints.get("n_head")
-    if n_head is None:
-        n_head = max(1, n_embd // 64)  # GPT-2's head size
-        log.warning("checkpoint does not record n_head; assuming %d (head size 64)", n_head)
+    if n_head is None:  # guessing it would load and then babble
+        raise CheckpointError(
+            "the checkpoint has no config.json beside it and does not record n_head; put the model's "
+            "config.json (Hugging Face GPT-2 format) next to the weights"
+        )
     return GPTConfig(
         block_size=block_size,
         vocab_size=vocab_size,
@@ -205,20 +252,46 @@ def resolve(source: str | Path) -> Path:
     return _download(text)
 
 
+def _read_config(path: Path) -> GPTConfig:
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path} is not a valid GPT-2 config: {type(err).__name__}: {str(err)[:200]}") from None
+    try:
+        return config_from_hf(hf)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path} is not a valid GPT-2 config: {err}") from None
+
+
+def _header_shapes(path: Path) -> dict[str, tuple] | None:
+    """The tensor shapes of a .safetensors file, from its header alone (None for other formats or a
+    header that cannot be read: _read_weights then reports the damage)."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception:
+        return None
+    return {new: shape for name, shape in shapes.items() if (new := normalized_name(name)) is not None}
+
+
 def load_checkpoint(source: str | Path) -> tuple[GPTConfig, dict]:
-    """The config and the normalized state dict from any supported source."""
+    """The config and the normalized state dict from any supported source, each checked: the config's
+    sizes within CONFIG_LIMITS and agreeing with the tensor shapes (for safetensors, before any tensor is
+    read), the tensors finite floating-point numbers."""
     path = resolve(source)
     weights = _find_weights(path) if path.is_dir() else path
+    config_file = weights.parent / CONFIG_NAME
+    config = _read_config(config_file) if config_file.is_file() else None
+    shapes = _header_shapes(weights)
+    if config is not None and shapes is not None:
+        check_shapes(config, shapes, weights)
     state_dict, hints = _read_weights(weights)
     state_dict = normalize_state_dict(state_dict)
-    config_file = weights.parent / CONFIG_NAME
-    if config_file.is_file():
-        try:
-            config = config_from_hf(json.loads(config_file.read_text()))
-        except (json.JSONDecodeError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{config_file} is not a valid GPT-2 config: {err}") from err
-    else:
-        config = infer_config(state_dict, hints)
+    config = config or infer_config(state_dict, hints)
+    check_shapes(config, {name: tuple(t.shape) for name, t in state_dict.items()}, weights)
+    check_values(state_dict, weights)
     return config, state_dict
 
 

@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ DATA = SHARED / "data" / "input.txt"
 
 # The tokenizer files travel with the project: nothing may rely on tiktoken's download cache.
 os.environ.pop("TIKTOKEN_CACHE_DIR", None)
-sys.path.insert(0, str(ROOT))
 # The models under test are tiny: one thread avoids spin-waiting against other work on a 2-core
 # machine (a training run beside the tests made them 50x slower with two threads).
 torch.set_num_threads(1)

@@ -8,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from app_server import ROOT, app_env, free_port, running_app, save_tiny_model
+from app_server import ROOT, running_app, save_tiny_model
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from model import GPT, CheckpointError, generate, load_tokenizer, stream_text
 from serve import load_for_inference, precision_of
+from serve.launch import app_env, free_port
 
 PARAMETERS = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"]
 BLOCK_SIZE = 64  # the tiny preset's context
@@ -25,10 +26,15 @@ def tiny_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(tiny_folder):
+def app(tiny_folder):
     # fp32 on both sides, so greedy text matches token for token
-    with running_app("--model", str(tiny_folder), "--dtype", "float32", "--quantize", "none") as url:
-        yield url
+    with running_app("--model", str(tiny_folder), "--dtype", "float32", "--quantize", "none") as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    return app.url
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +152,16 @@ def test_non_finite_numbers_are_refused(client, url, name, value):
     assert greedy(client) == before
 
 
+def test_a_refused_request_logs_one_line_not_a_traceback(client, app):
+    before = len(app.log.read_text().splitlines())
+    for temperature in (5, 6, 7):
+        with pytest.raises(AppError, match="temperature must be"):
+            client.predict("ROMEO:", 4, temperature, 0, 1.0, 1, api_name="/generate")
+    new = app.log.read_text().splitlines()[before:]
+    refused = [line for line in new if line.startswith("refused a request: temperature must be")]
+    assert len(refused) == 3 and "Traceback" not in "\n".join(new), new
+
+
 def test_too_few_arguments_get_an_error(client, url):
     event, data = raw_call(url, '{"data": ["ROMEO:", 12]}')
     assert event == "error" and "needed: 6" in data["error"]
@@ -234,12 +250,16 @@ def test_flags_reach_load_for_inference(monkeypatch):
     with pytest.raises(SystemExit) as exit:
         app.main(["--model", "somewhere", "--dtype", "bfloat16", "--quantize", "int8"])
     assert calls == [("somewhere", dict(device="auto", dtype="bfloat16", quantize="int8"))]
+    with pytest.raises(SystemExit):
+        app.main(["--model", "somewhere", "--device", "cpu"])
+    assert calls[-1] == ("somewhere", dict(device="cpu", dtype="auto", quantize="auto"))
     assert "could not load a model from 'somewhere'" in exit.value.code and "no weights here" in exit.value.code
 
 
 def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tiny_folder):
     served = load_for_inference(tiny_folder, device="cpu")
-    with running_app("--model", str(tiny_folder)) as default_url:
+    with running_app("--model", str(tiny_folder)) as default_app:
+        default_url = default_app.url
         client = Client(default_url, verbose=False)
         assert greedy(client, max_new_tokens=30) == expected(served, "ROMEO:", 30, temperature=0)
         panel = httpx.get(f"{default_url}/config", timeout=30).text

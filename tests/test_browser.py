@@ -33,7 +33,8 @@ def tiny_folder(tmp_path_factory):
 def page(tiny_folder):
     from playwright.sync_api import sync_playwright
 
-    with running_app("--model", str(tiny_folder), "--dtype", "float32", "--quantize", "none") as url:
+    with running_app("--model", str(tiny_folder), "--dtype", "float32", "--quantize", "none") as app:
+        url = app.url
         with sync_playwright() as playwright:
             browser = launch(playwright)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -76,7 +77,8 @@ def take_screenshot(model: str, path: Path, prompt: str = "ROMEO:", max_new_toke
     """Generate from prompt with a fixed seed in the running app and save the whole page."""
     from playwright.sync_api import expect, sync_playwright
 
-    with running_app("--model", model) as url, sync_playwright() as playwright:
+    with running_app("--model", model) as app, sync_playwright() as playwright:
+        url = app.url
         browser = launch(playwright)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(TIMEOUT_MS)

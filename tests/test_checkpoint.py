@@ -133,7 +133,7 @@ def rewrite(folder, change) -> None:
 @pytest.mark.parametrize("name", ["transformer.h.1.mlp.c_fc.bias", "transformer.wpe.weight"])
 def test_wrong_shaped_tensor_is_named(saved, name):
     rewrite(saved, lambda tensors: tensors.update({name: tensors[name][:-1].clone()}))
-    with pytest.raises(CheckpointError, match=rf"tensor {name} has shape"):
+    with pytest.raises(CheckpointError, match=rf"tensor {name} has shape|{name} is \(15, 32\), the config says"):
         GPT.from_pretrained(saved)
 
 
@@ -323,3 +323,62 @@ def test_transformers_pipeline_continues_like_greedy_generate(tiny_model, tmp_pa
     tokenizer = load_tokenizer(folder)
     ids = list(generate(tiny_model, tokenizer.encode("ROMEO:"), 10, temperature=0))
     assert text[0]["generated_text"] == "ROMEO:" + tokenizer.decode(ids)
+
+
+# Hostile or damaged files: refused quickly, before anything large is built, with the problem named
+
+
+def with_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | changes))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(n_layer=10_000), "n_layer must be a whole number from 1 to 512"),
+        (dict(n_layer=3), "the config says 3 layers, the weights hold 2"),
+        (dict(n_embd=10**9), "n_embd must be a whole number from 1 to 65,536"),
+        (dict(n_embd=64, n_head=2), r"transformer.wte.weight is \(50257, 32\), the config says \(50257, 64\)"),
+        (dict(n_positions=8, n_ctx=8), r"transformer.wpe.weight is \(16, 32\), the config says \(8, 32\)"),
+        (dict(n_head="12"), "n_head must be a whole number"),
+        (dict(n_head=3), "divisible"),
+        (dict(resid_pdrop=5), "resid_pdrop must be a number in"),
+        (dict(model_type="llama"), "only 'gpt2' is supported"),
+    ],
+)
+def test_a_hostile_config_is_refused_before_the_network_is_built(saved, monkeypatch, changes, message):
+    with_config(saved, **changes)
+    built = []
+    monkeypatch.setattr(GPT, "__init__", lambda self, *a, **k: built.append(1) or (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(CheckpointError, match=message) as err:
+        GPT.from_pretrained(saved)
+    assert not built and len(str(err.value)) < 500
+
+
+@pytest.mark.parametrize("text", ["[1, 2, 3]", '"gpt2"', "[" * 100_000 + "]" * 100_000, "\xff\xfe"])
+def test_a_config_that_is_not_an_object_is_refused(saved, text):
+    (saved / "config.json").write_text(text, encoding="latin-1")
+    with pytest.raises(CheckpointError, match="is not a valid GPT-2 config"):
+        GPT.from_pretrained(saved)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.update({"transformer.ln_f.bias": t["transformer.ln_f.bias"].long()}), "dtype torch.int64"),
+        (lambda t: t["transformer.h.0.mlp.c_fc.weight"].view(-1).__setitem__(3, float("nan")), "NaN or infinite"),
+        (lambda t: t["transformer.wte.weight"].view(-1).__setitem__(0, float("inf")), "NaN or infinite"),
+    ],
+    ids=["int64", "nan", "inf"],
+)
+def test_weights_that_are_not_finite_floats_are_refused(saved, change, message):
+    rewrite(saved, change)
+    with pytest.raises(CheckpointError, match=message):
+        GPT.from_pretrained(saved)
+
+
+def test_weights_without_a_config_are_refused_instead_of_guessing_the_heads(saved, tmp_path):
+    shutil.copy(saved / "model.safetensors", tmp_path / "alone.safetensors")
+    with pytest.raises(CheckpointError, match="no config.json beside it and does not record n_head"):
+        GPT.from_pretrained(tmp_path / "alone.safetensors")

@@ -24,8 +24,8 @@ def test_the_network_really_is_blocked(tmp_path):
 @pytest.mark.timeout(300)
 def test_the_app_serves_the_shipped_model_offline_from_an_empty_home(tmp_path):
     env = newcomer_env(tmp_path / "home")
-    with running_app("--quantize", "none", env=env) as url:  # python app.py: serves assets/
-        text = Client(url, verbose=False).predict("ROMEO:", 16, 0, 0, 1.0, -1, api_name="/generate")
+    with running_app("--quantize", "none", env=env) as app:  # python app.py: serves assets/
+        text = Client(app.url, verbose=False).predict("ROMEO:", 16, 0, 0, 1.0, -1, api_name="/generate")
     model = GPT.from_pretrained(ROOT / "assets")
     tokenizer = load_tokenizer(ROOT / "assets")
     ids = generate(model, tokenizer.encode("ROMEO:"), 16, temperature=0)
