@@ -1,6 +1,7 @@
 """ShakespeareGPT's model package: GPT-2, its tokenizer, sampling and checkpoint I/O."""
 
-from .checkpoint import CheckpointError, read_model_card_metrics, render_model_card
+from .card import read_model_card_metrics, render_model_card
+from .checkpoint import CheckpointError
 from .config import PRESETS, GPTConfig
 from .gpt import GPT, KVCache
 from .sampling import SamplingError, SamplingParams, generate

@@ -166,7 +166,7 @@ class GPT(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Like nn.Module.load_state_dict, but a missing, unexpected or mis-shaped tensor is an
         error that names it (lm_head.weight may be absent: it is tied to transformer.wte.weight)."""
-        state_dict = checkpoint.normalize_state_dict(state_dict, self.config)
+        state_dict = checkpoint.normalize_state_dict(state_dict)
         checkpoint.check_state_dict(state_dict, self.state_dict(), strict=strict)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         self.lm_head.weight = self.transformer.wte.weight

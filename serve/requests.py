@@ -9,7 +9,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model import EOT_TOKEN, GPT, SamplingParams, checkpoint, generate, load_tokenizer, stream_text
+from model import (
+    EOT_TOKEN,
+    GPT,
+    SamplingParams,
+    checkpoint,
+    generate,
+    load_tokenizer,
+    read_model_card_metrics,
+    stream_text,
+)
+from model.card import CARD_NAME, CardError
 from model.sampling import SamplingError, checked_number
 from model.tokenizer import TextEncoding
 
@@ -143,9 +153,9 @@ def warm_up(model: GPT) -> None:
 
 def _card_metrics(folder: Path) -> dict:
     try:
-        return checkpoint.read_model_card_metrics(folder)
-    except checkpoint.CheckpointError as err:  # a hand-edited card must not stop the model being served
-        log.warning("could not read the training metrics in %s: %s", folder / checkpoint.CARD_NAME, err)
+        return read_model_card_metrics(folder)
+    except CardError as err:  # a hand-edited card must not stop the model being served
+        log.warning("could not read the training metrics in %s: %s", folder / CARD_NAME, err)
         return {}
 
 

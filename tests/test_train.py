@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,7 @@ def test_push_to_hub_uploads_the_best_checkpoint_and_only_model_files(
     card = sent["files"]["README.md"].decode()
     assert "pipeline_tag: text-generation" in card and "model-index" in card
     assert f"value: {summary['best_val_loss']}" in card
+    assert summary["train_loss"] is not None and "less than one pass" in summary["train_loss_basis"]
     out = capsys.readouterr()
     assert (
         f"uploading best/ (held-out loss {summary['best_val_loss']:.4f} at step {summary['best_step']})" in caplog.text
@@ -301,3 +303,46 @@ def test_missing_and_too_short_data_fail_clearly(tmp_path):
     short.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3)
     result = run(train_args(tmp_path, short))
     assert result.returncode != 0 and "too short for one batch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_failing_extra_never_loses_the_checkpoint(tmp_path, small_text, monkeypatch, caplog):
+    """Samples and the loss curve are extras: when they fail, the weights and state are still written."""
+    from train import outputs, train
+    from train.trainer import Trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no sampling today")
+
+    monkeypatch.setattr(Trainer, "samples", broken)
+    monkeypatch.setattr(outputs, "plot", broken)
+    caplog.set_level("WARNING")
+    assert train.main(train_args(tmp_path, small_text, "--max-steps", "6")[2:]) == 0
+    latest = tmp_path / "out" / "latest"
+    assert GPT.from_pretrained(latest).config.n_embd == 32 and (latest / "train_state.pt").is_file()
+    assert "could not write sample text" in caplog.text and "could not draw the loss curve" in caplog.text
+    assert "## Samples" not in (latest / "README.md").read_text()
+
+
+def test_sagemaker_checkpoints_survive_a_spot_restart(tmp_path, small_text, monkeypatch, caplog):
+    """With SageMaker's checkpoint folder, checkpoints go there; a restarted job resumes from it by itself,
+    and the final model (without optimizer state) lands in SM_MODEL_DIR."""
+    from train import outputs, train
+
+    checkpoints, model_dir = tmp_path / "opt-ml-checkpoints", tmp_path / "opt-ml-model"
+    checkpoints.mkdir()
+    monkeypatch.setattr(outputs, "SAGEMAKER_CHECKPOINTS", checkpoints)
+    monkeypatch.setenv("SM_MODEL_DIR", str(model_dir))
+    args = train_args(tmp_path, small_text)[2:]
+    del args[args.index("--out-dir") : args.index("--out-dir") + 2]  # SageMaker passes no --out-dir
+    caplog.set_level("INFO")
+    assert train.main([*args, "--max-steps", "6"]) == 0  # the job, until the spot instance is taken back
+    assert (checkpoints / "latest" / "train_state.pt").is_file()
+    shutil.rmtree(model_dir)  # a new instance: SM_MODEL_DIR is empty, the checkpoint folder is restored
+
+    assert train.main([*args, "--max-steps", "10"]) == 0  # the restarted job, with no --resume
+    assert "SageMaker restarted the job: resuming from" in caplog.text
+    assert json.loads((model_dir / "summary.json").read_text())["steps"] == 10
+    assert (model_dir / "latest" / "model.safetensors").is_file() and (model_dir / "best" / "vocab.json").is_file()
+    assert not (model_dir / "latest" / "train_state.pt").exists()
+    rows = [r["step"] for r in metrics(model_dir) if "lr" in r]
+    assert rows == sorted(set(rows)) and rows[-1] == 10
