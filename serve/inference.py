@@ -147,6 +147,11 @@ def load_for_inference(source: str | Path, device: str = "auto", dtype: str = "a
     (see pick_precision); precision_of(model) names what was chosen."""
     target = pick_device(device)  # raises ValueError for CUDA on a machine without a GPU
     weight_dtype, quantization = pick_precision(target, dtype, quantize)
+    if target.type == "cuda":
+        # cuDNN's attention builds a plan for every new sequence length: decoding (one length more per
+        # token) ran at 16-19 tokens/s until each length had been seen once (H100, GPT-2 124M, bf16);
+        # flash / memory-efficient attention run at full speed from the first request.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model = GPT.from_pretrained(source, device=target, dtype=weight_dtype)
     if quantization == "int8":
         quantize_int8(model)
