@@ -130,9 +130,10 @@ def generate(
     """Yield up to max_new_tokens new token ids, one at a time, sampled as params says, else as the
     keyword settings say (checked here: top_k None and top_p None are off, seed None is random).
     A seed makes the output reproducible whatever else runs; stops after <|endoftext|>. The model runs
-    in eval mode while the generator is live. The prompt is prefilled once into a KV cache, then one
-    position runs per step; once the sequence outgrows the context, each step runs on the last
-    block_size tokens."""
+    in eval mode while the generator is live. The prompt (its last block_size tokens) is prefilled once
+    into a KV cache, then one position runs per step. When the context is full, its last half is
+    prefilled again and decoding goes on from there, as llama.cpp shifts its context: one prefill per
+    half context instead of a full window per token."""
     if params is None:
         params = SamplingParams(temperature, top_k or 0, 1.0 if top_p is None else top_p, seed)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -164,7 +165,8 @@ def _sample(model: GPT, tokens: list[int], max_new_tokens: int, params: Sampling
             tokens.append(token)
             if position < block_size:
                 logits, position = _logits(model, [token], cache, position), position + 1
-            else:  # positions are absolute, so a shifted window must be recomputed
-                logits = _logits(model, tokens[-block_size:], cache, 0)
+            else:  # the context is full: keep its last half and go on from there (one prefill per half context)
+                window = tokens[-(block_size // 2) :]
+                logits, position = _logits(model, window, cache, 0), len(window)
     finally:
         model.train(was_training)

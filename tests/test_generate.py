@@ -24,13 +24,18 @@ def make_varied(model):
 
 
 def greedy_by_recomputation(model: GPT, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """The reference: the whole (cropped) sequence through forward() at every step, no cache."""
-    idx = torch.tensor([prompt])
+    """The reference, without a cache: the visible window through forward() at every step. The window
+    is the prompt's last block_size tokens; when a new token would overflow it, it restarts from the
+    last half of the context (the newest token included)."""
+    block_size, tokens = model.config.block_size, list(prompt)
+    start = max(0, len(tokens) - block_size)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits, _ = model(idx[:, -model.config.block_size :])
-            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return idx[0, len(prompt) :].tolist()
+            logits, _ = model(torch.tensor([tokens[start:]]))
+            tokens.append(int(logits[0, -1].argmax()))
+            if len(tokens) - start > block_size:
+                start = len(tokens) - block_size // 2
+    return tokens[len(prompt) :]
 
 
 @pytest.fixture
