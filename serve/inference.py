@@ -68,7 +68,8 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # PyTorch marks quantised tensors for a later move to torchao
             warnings.simplefilter("ignore")
             qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-            self._packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+            bias = None if bias is None else bias.detach().float().clone()  # its own copy, not the fp32 layer's
+            self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range keeps activations to 7 bits, so AVX2 machines without VNNI cannot saturate.

@@ -97,6 +97,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         assert set(frequencies.nonzero().flatten().tolist()) == set(range(size)), top_p
 
 
+def test_top_p_stops_at_a_mass_exactly_equal_to_p():
+    """Probabilities 1/2, 1/4, 1/4 (exact in float): top_p 0.5 keeps one token, as transformers does."""
+    logits = torch.tensor([math.log(2.0), 0.0, 0.0])
+    assert int(torch.isfinite(reference_logits(logits, 1.0, None, 0.5)).sum()) == 1
+    assert set(draw(logits, 1.0, None, 0.5, draws=300).nonzero().flatten().tolist()) == {0}
+    wider = set(draw(logits, 1.0, None, 0.51, draws=300).nonzero().flatten().tolist())
+    assert 0 in wider and len(wider) == 2  # one of the tied quarter tokens joins
+
+
 def test_temperature_scales_the_logits_before_sampling():
     """At temperature T the draws follow softmax(logits / T) on a 4-token vocabulary."""
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
@@ -189,6 +198,36 @@ def test_generate_passes_every_setting_to_the_sampler(tiny_model):
         assert list(generate(tiny_model, PROMPT, 10, **(settings | changed))) != by_keywords, changed
 
 
+def test_n_tokens_take_n_forward_passes(tiny_model, monkeypatch):
+    """A prefill then one step per further token: no forward pass after the last token or an end-of-text."""
+    calls = []
+    original = tiny_model.next_token_logits
+    monkeypatch.setattr(tiny_model, "next_token_logits", lambda *args: calls.append(args[2]) or original(*args))
+    assert len(list(generate(tiny_model, PROMPT, 6, temperature=0))) == 6
+    assert calls == [0, 4, 5, 6, 7, 8]  # the input positions: the prompt at 0, then each new token after it
+    calls.clear()
+    assert len(list(generate(tiny_model, PROMPT, 1, temperature=0))) == 1 and calls == [0]
+
+
+def test_generate_defaults_to_temperature_1_unfiltered(tiny_model):
+    """generate()'s defaults sample at temperature 1 with no top-k or top-p."""
+    with torch.no_grad():
+        tiny_model.transformer.ln_f.weight.mul_(30)  # logits far enough apart for the temperature to show
+    default = list(generate(tiny_model, PROMPT, 8, seed=5))
+    assert default == list(generate(tiny_model, PROMPT, 8, temperature=1.0, top_k=0, top_p=1.0, seed=5))
+    assert default != list(generate(tiny_model, PROMPT, 8, temperature=2.0, seed=5))
+
+
+def test_prompt_ids_cover_the_whole_vocabulary(tiny_model):
+    """Token ids 0 and vocab_size - 1 are valid prompts; an empty prompt says exactly what to give."""
+    last = tiny_model.config.vocab_size - 1
+    for prompt in ([0], [last], torch.tensor([0, last])):
+        assert len(list(generate(tiny_model, prompt, 2, temperature=0))) == 2
+    with pytest.raises(SamplingError) as error:
+        generate(tiny_model, [], 2)
+    assert str(error.value) == "prompt_ids is empty: give at least one token (e.g. the end-of-text token 50256)"
+
+
 def test_defaults_and_off_values():
     """The defaults: temperature 0.8, top_k 0 (off), top_p 1 (off); generate()'s None means off."""
     params = SamplingParams(seed=1)
@@ -273,6 +312,7 @@ def test_sampling_params_accept_their_range_ends():
         (dict(temperature=-0.1), "temperature must be a number from 0 to 2 (0 = greedy); got -0.1"),
         (dict(top_k=201), "top_k must be a whole number from 0 to 200 (0 = off); got 201"),
         (dict(top_k=-1), "top_k must be a whole number from 0 to 200 (0 = off); got -1"),
+        (dict(top_k=2.5), "top_k must be a whole number from 0 to 200 (0 = off); got 2.5"),
         (dict(top_p=0.049), "top_p must be a number from 0.05 to 1 (1 = off); got 0.049"),
         (dict(top_p=1.01), "top_p must be a number from 0.05 to 1 (1 = off); got 1.01"),
         (dict(seed=-2), "seed must be blank, -1 (random) or a whole number from 0 to"),
@@ -296,3 +336,101 @@ def test_served_accepts_its_range_ends_and_random_seeds():
     assert (high.temperature, high.top_k, high.top_p, high.seed) == (2.0, 200, 1.0, 2**63 - 1)
     for seed in (None, -1, -1.0):
         assert len({SamplingParams.served(1, 1, 1, seed).seed for _ in range(4)}) == 4
+
+
+# -- serve/requests.py: the request checks in front of the sampler
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset("tiny")).eval()
+
+
+class CountingTokenizer:
+    """A stand-in tokenizer: one id per character, counting its calls."""
+
+    calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.calls += 1
+        return [ord(c) for c in text]
+
+
+def test_check_prompt_encodes_with_the_tokenizer_given_or_gpt2():
+    """check_prompt returns the prompt's ids from the tokenizer given, else GPT-2's."""
+    from model import load_tokenizer
+    from serve.requests import check_prompt
+
+    tokenizer = CountingTokenizer()
+    assert check_prompt("ROMEO:", tokenizer) == [ord(c) for c in "ROMEO:"] and tokenizer.calls == 1
+    assert check_prompt(" x ") == load_tokenizer().encode(" x ")
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (123, "prompt must be text (a string); got int '123'"),
+        (None, "prompt must be text (a string); got NoneType 'None'"),
+        (["a"] * 20, "prompt must be text (a string); got list " + repr(str(["a"] * 20)[:40])),
+        ("", "prompt is empty: type some text for the model to continue, e.g. 'ROMEO:'"),
+        (" \n\t ", "prompt is empty: type some text for the model to continue, e.g. 'ROMEO:'"),
+        (
+            "a" * 100_001,
+            "prompt is 100,001 characters; at most 100,000 are allowed "
+            "(the model reads only the last context of tokens)",
+        ),
+    ],
+)
+def test_check_prompt_refuses_with_the_exact_message(prompt, message):
+    """Non-text, blank and over-long prompts are refused, saying what is allowed."""
+    from serve.requests import RequestError, check_prompt
+
+    with pytest.raises(RequestError) as error:
+        check_prompt(prompt, CountingTokenizer())
+    assert str(error.value) == message
+
+
+def test_check_prompt_accepts_the_longest_prompt():
+    """A prompt of exactly MAX_PROMPT_CHARS characters is accepted."""
+    from serve.requests import MAX_PROMPT_CHARS, check_prompt
+
+    assert MAX_PROMPT_CHARS == 100_000
+    assert len(check_prompt("a" * MAX_PROMPT_CHARS, CountingTokenizer())) == MAX_PROMPT_CHARS
+
+
+def test_check_request_builds_the_request(tiny_gpt):
+    """check_request returns the prompt, its ids, the model's context, max_new_tokens and served params."""
+    from serve.requests import check_request
+
+    tokenizer = CountingTokenizer()
+    request = check_request(tiny_gpt, "ROMEO:", 64.0, 1.5, 7, 0.5, 3, tokenizer=tokenizer)
+    assert request.prompt == "ROMEO:" and request.prompt_ids == [ord(c) for c in "ROMEO:"] and tokenizer.calls == 1
+    assert request.context == tiny_gpt.config.block_size == 64
+    assert request.max_new_tokens == 64 and type(request.max_new_tokens) is int
+    assert request.params == SamplingParams(1.5, 7, 0.5, 3) and request.seed == 3
+    assert check_request(tiny_gpt, "ROMEO:", 1, 0, 0, 1, None).max_new_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be a whole number from 1 to 64; got 0"),
+        (dict(max_new_tokens=65), "max_new_tokens must be a whole number from 1 to 64; got 65"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number from 1 to 64; got 2.5"),
+        (dict(temperature=2.5), "temperature must be a number from 0 to 2 (0 = greedy); got 2.5"),
+        (dict(top_k=201), "top_k must be a whole number from 0 to 200 (0 = off); got 201"),
+        (dict(top_p=0.01), "top_p must be a number from 0.05 to 1 (1 = off); got 0.01"),
+        (dict(prompt=""), "prompt is empty"),
+    ],
+)
+def test_check_request_refuses_each_setting_with_its_message(tiny_gpt, changes, message):
+    """Each out-of-range request setting is refused with a message naming it and its served range."""
+    from serve.requests import RequestError, check_request
+
+    arguments = dict(prompt="ROMEO:", max_new_tokens=10, temperature=0.8, top_k=50, top_p=1.0, seed=1) | changes
+    with pytest.raises(RequestError) as error:
+        check_request(tiny_gpt, **arguments, tokenizer=CountingTokenizer())
+    assert str(error.value).startswith(message)

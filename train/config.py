@@ -81,8 +81,8 @@ class TrainConfig:
     block_size: int = flag(0, "the model's context in tokens; 0 = the --model preset's")
     dropout: float = flag(0.0, "dropout probability while training (also applied to an --init model)")
     init: str = flag("", "start from these weights (any GPT.from_pretrained source) to fine-tune")
-    seq_len: int = flag(0, "tokens per training sequence; 0 = the model's context (also when --block-size is "
-                        "given without --seq-len)")  # fmt: skip
+    seq_len: int = flag(0, "tokens per training sequence; 0 = the model's context (also when --model or "
+                        "--block-size is given without --seq-len)")  # fmt: skip
     # optimisation
     batch_size: int = flag(32, "sequences per optimizer step, over all processes and accumulation steps")
     micro_batch_size: int = flag(0, "sequences per forward pass and process; 0 = batch-size / processes")
@@ -222,7 +222,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     parser = build_parser()
     explicit = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = dict(PRESETS[explicit.get("preset", TrainConfig.preset)])
-    if "block_size" in explicit:  # a context asked for is also the sequence length, unless --seq-len says
+    if {"block_size", "model"} & explicit.keys():  # a shape asked for trains on its context, unless --seq-len says
         preset.pop("seq_len", None)
     try:
         config = TrainConfig(**{**preset, **explicit})
@@ -251,4 +251,6 @@ def resumed_config(saved: dict, explicit: dict) -> TrainConfig:
             + ", ".join(refused)
             + ". Drop them, or start a new run with another --out-dir (or --restart)."
         )
-    return dataclasses.replace(config, **{**{k: v for k, v in explicit.items() if k in RESUMABLE}, "resume": True})
+    # a run started with --restart is continued, not started over again
+    changes = {**{k: v for k, v in explicit.items() if k in RESUMABLE}, "resume": True, "restart": False}
+    return dataclasses.replace(config, **changes)

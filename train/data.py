@@ -117,8 +117,8 @@ class Batches:
 
     def _epoch_starts(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        # windows * seq_len <= len - seq_len, so any offset below seq_len leaves room for the targets
         offset = int(torch.randint(0, self.seq_len, (1,), generator=generator))
-        offset = min(offset, len(self.tokens) - 1 - self.windows * self.seq_len)
         order = torch.randperm(self.windows, generator=generator)
         return (offset + order * self.seq_len).to(self.tokens.device)
 

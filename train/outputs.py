@@ -78,8 +78,12 @@ def repair(folder: Path) -> None:
     for name in CHECKPOINTS:
         final, old = folder / name, folder / f".{name}.old"
         if old.is_dir() and not final.exists():
-            os.replace(old, final)
-            log.warning("restored %s from the copy an interrupted save left", final)
+            try:
+                os.replace(old, final)
+                log.warning("restored %s from the copy an interrupted save left", final)
+            except OSError:  # another process of the run (torchrun) restored it first
+                if not final.is_dir():
+                    raise
         shutil.rmtree(folder / f".{name}.tmp", ignore_errors=True)
 
 
@@ -104,7 +108,9 @@ def clear_earlier_run(folders: list[Path]) -> None:
             path.unlink()
 
 
-def no_space(path: Path) -> OutputError:
+def no_space(path: Path, previous: bool = True) -> OutputError:
+    if not previous:
+        return OutputError(f"no space left on the device at {path}; no checkpoint was written yet. Free some space")
     return OutputError(f"no space left on the device at {path}; the previous checkpoint is intact. Free some space "
                        "and continue with --resume")  # fmt: skip
 
@@ -124,15 +130,11 @@ def save_checkpoint(folder: Path, name: str, model: GPT, state: dict, card: str,
             for child in final.iterdir():
                 if child.is_file() and not (tmp / child.name).exists():
                     shutil.copy2(child, tmp / child.name)
-    except OSError as err:
+    except Exception as err:  # torch.save (a RuntimeError) and safetensors (a SafetensorError) have their own
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise no_space(folder) from None
-        raise
-    except RuntimeError as err:  # torch.save reports a full disk as a RuntimeError from its C++ writer
-        shutil.rmtree(tmp, ignore_errors=True)
-        if "No space left" in str(err) or shutil.disk_usage(folder).free < 1 << 20:
-            raise no_space(folder) from None
+        full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+        if full or (isinstance(err, RuntimeError) and shutil.disk_usage(folder).free < 1 << 20):
+            raise no_space(folder, previous=(folder / "latest" / STATE_NAME).is_file()) from None
         raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -182,7 +184,8 @@ def plot(folder: Path, history: list[dict]) -> Path:
         ax.plot(*zip(*val, strict=True), "o-", label="held-out")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="ShakespeareGPT training")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:  # nothing to label before the first log row
+        ax.legend()
     try:
         return atomic_write(
             folder / "loss_curve.png", lambda p: fig.savefig(p, format="png", dpi=100, bbox_inches="tight")

@@ -8,7 +8,9 @@ train/trainer.py (the loop).
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -42,7 +44,8 @@ def settle(config: TrainConfig, explicit: dict) -> TrainConfig:
         log.info("SageMaker restarted the job: resuming from %s", latest)
         explicit = {**explicit, "resume": True}
     elif config.restart:
-        outputs.clear_earlier_run([out_dir, checkpoint_dir])
+        if int(os.environ.get("RANK", 0)) == 0:  # the main process only: several would race to remove the files
+            outputs.clear_earlier_run([out_dir, checkpoint_dir])
     elif not config.resume and (earlier := outputs.earlier_run([out_dir, checkpoint_dir])):
         raise outputs.OutputError(
             f"{out_dir} holds an earlier run ({', '.join(p.name for p in earlier)}); continue it with --resume, "
@@ -55,7 +58,8 @@ def settle(config: TrainConfig, explicit: dict) -> TrainConfig:
             f"--resume: no checkpoint in {checkpoint_dir / 'latest'}; drop --resume to start a new run"
         )
     saved = torch.load(latest / outputs.STATE_NAME, map_location="cpu", weights_only=True)["config"]
-    return resumed_config(saved, explicit)
+    # the run goes on where it was found (and locked), even when it was saved with other folders
+    return resumed_config(saved, {**explicit, "out_dir": config.out_dir, "checkpoint_dir": config.checkpoint_dir})
 
 
 def resume_command(config: TrainConfig) -> str:
@@ -68,29 +72,36 @@ def resume_command(config: TrainConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config, explicit = parse_args(argv)
+    main_process = int(os.environ.get("RANK", 0)) == 0
     try:
-        config = settle(config, explicit)
-        machine = setup_machine(config)
-        if not machine.is_main:
-            logging.getLogger().setLevel(logging.WARNING)
         out_dir, checkpoint_dir, _ = outputs.out_dirs(config.out_dir, config.checkpoint_dir)
-        if machine.is_main:  # everything the end of the run needs, before the first step
+        if main_process:  # everything the end of the run needs, before the first step
             for folder in (out_dir, checkpoint_dir):
                 outputs.check_writable(folder)
-            if config.push_to_hub:
+        # locked before anything reads the folder: a running trainer's files are never taken for an earlier
+        # run's, repaired or removed by --restart
+        with outputs.locked(checkpoint_dir) if main_process else nullcontext():
+            config = settle(config, explicit)
+            machine = setup_machine(config)
+            if not machine.is_main:
+                logging.getLogger().setLevel(logging.WARNING)
+            if machine.is_main and config.push_to_hub:
                 from huggingface_hub import get_token
 
                 if not get_token():
                     raise outputs.OutputError(
                         "--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`"
                     )
-        with outputs.locked(checkpoint_dir) if machine.is_main else nullcontext():
             trainer = Trainer(config, machine)
             summary = trainer.train()
             if machine.is_main:
                 trainer.finish(summary)
     except (outputs.OutputError, DataError, CheckpointError, TokenizerError, Diverged, ValueError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:  # a full disk met by a write other than a checkpoint's (metrics, summary, curve)
+        if err.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"error: {outputs.no_space(Path(err.filename).parent if err.filename else Path.cwd())}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -265,16 +265,19 @@ class Trainer:
     def diverged(self) -> Diverged:
         lr = lr_at(self.step - 1, self.config)
         return Diverged(
-            f"the loss or the gradients are not finite numbers by step {self.step} (lr {lr:.2e}): "
+            f"the loss, the gradients or the weights are not finite numbers by step {self.step} (lr {lr:.2e}): "
             "training diverged. Nothing was saved after the last good checkpoint; start a new run with a lower --lr "
             "(or more --warmup-steps)"
         )
 
     def evaluate_and_save(self, evaluate: bool) -> float | None:
-        """Score the held-out split (when asked) and write latest/, and best/ when the score is the best yet."""
-        if bool(self.nonfinite):
-            raise self.diverged()
+        """Score the held-out split (when asked) and write latest/, and best/ when the score is the best yet.
+        Weights an update left non-finite (or that score no number) are neither logged nor saved."""
         val = self.val_loss() if evaluate and self.machine.is_main else None
+        broken = not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
+        broken = broken or bool(self.nonfinite) or (val is not None and not math.isfinite(val))
+        if self.machine.all_agree([float(broken)])[0]:  # every process stops, not only the one that scored
+            raise self.diverged()
         if not self.machine.is_main:
             return None
         if val is not None:
