@@ -28,7 +28,7 @@ log = logging.getLogger("train")
 
 
 class Diverged(RuntimeError):
-    """The loss or the gradients stopped being finite numbers."""
+    """The loss, the gradients or the weights stopped being finite numbers."""
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
