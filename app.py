@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 import serve
 from model import CheckpointError, SamplingParams, load_tokenizer
 from model.sampling import EXAMPLE_PROMPTS
+from serve import guards
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 log = logging.getLogger("app")
@@ -34,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument(
+        "--max-per-client", type=int, default=8, help="generations one client may have waiting or running at once"
+    )
+    parser.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
         help="weight dtype; auto: bf16 (or fp16) on CUDA, fp32 activations on the CPU",
     )  # fmt: skip
@@ -49,7 +54,7 @@ def build(model, facts: serve.ModelFacts) -> gr.Blocks:
     block_size = model.config.block_size
     defaults, served = SamplingParams(top_k=SamplingParams.DEFAULT_TOP_K, seed=0), SamplingParams.SERVED
 
-    def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed):
+    def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, visitor: gr.Request):
         """Stream the prompt followed by its continuation. temperature 0 is greedy; top_k 0 and
         top_p 1 are off; seed None or -1 draws a random seed. The stream yields the growing text."""
         try:
@@ -60,6 +65,9 @@ def build(model, facts: serve.ModelFacts) -> gr.Blocks:
         if request.cropped:
             gr.Warning(serve.crop_note(request))
         for text, stats in serve.stream_completion(model, request, tokenizer):
+            if guards.unread_updates(demo, visitor.session_hash) > guards.UNREAD_LIMIT:  # a /call/ nobody reads
+                log.info("stopped a generation after %d tokens: nobody reads its result", stats.new_tokens)
+                return
             yield text, stats.summary()
 
     with gr.Blocks(title="ShakespeareGPT") as demo:
@@ -135,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         "serving %s: %s parameters, %s on %s (%d threads)",
         args.model, f"{facts.parameters:,}", facts.precision, model.device, threads,
     )  # fmt: skip
-    build(model, facts).launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    demo = build(model, facts)
+    guard = Middleware(guards.PerClientLimit, blocks=demo, limit=args.max_per_client)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                app_kwargs={"middleware": [guard]})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,15 +4,17 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from app_server import ROOT, running_app, save_tiny_model
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from model import GPT, CheckpointError, generate, load_tokenizer, stream_text
+from model import GPT, CheckpointError, GPTConfig, generate, load_tokenizer, stream_text
 from serve import load_for_inference, precision_of
 from serve.launch import app_env, free_port
 
@@ -264,3 +266,22 @@ def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tin
         assert greedy(client, max_new_tokens=30) == expected(served, "ROMEO:", 30, temperature=0)
         panel = httpx.get(f"{default_url}/config", timeout=30).text
     assert precision_of(served) == "float32+int8" and "float32+int8" in panel
+
+
+def test_one_client_cannot_fill_the_queue_and_unread_work_stops(tmp_path):
+    """A client with --max-per-client jobs waiting or running is refused more (HTTP 429, saying why); a
+    /call/ job whose result nobody fetches stops early instead of running to its end; then the client
+    is served again."""
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_preset("tiny", block_size=256)).save_pretrained(tmp_path)  # room for long generations
+    with running_app("--model", str(tmp_path), "--max-per-client", "3", "--quantize", "none") as app:
+        endpoint = f"{app.url}/gradio_api/call/generate"
+        answers = [httpx.post(endpoint, json={"data": ["ROMEO:", 256, 0.8, 50, 1.0, i]}, timeout=30) for i in range(6)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429, 429, 429]
+        assert "you already have 3 generations waiting or running" in answers[-1].json()["detail"]
+        deadline = time.time() + 60
+        while time.time() < deadline and app.log.read_text().count("nobody reads its result") < 3:
+            time.sleep(0.2)
+        stopped = [line for line in app.log.read_text().splitlines() if "nobody reads its result" in line]
+        assert len(stopped) == 3 and all(int(line.split()[4]) < 128 for line in stopped), stopped
+        assert greedy(Client(app.url, verbose=False), max_new_tokens=100).startswith("ROMEO:")  # served again
