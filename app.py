@@ -35,9 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860))
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--max-per-client", type=int, default=8, help="generations one client may have waiting or running at once"
-    )
+    parser.add_argument("--max-per-client", type=int, default=8, help="generations a client may have queued or running")
+    parser.add_argument("--update-seconds", type=float, default=serve.UPDATE_SECONDS, help="stream updates at most "
+                        "this often (the first token is shown at once); 0 = every token")  # fmt: skip
     parser.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
         help="weight dtype; auto: bf16 (or fp16) on CUDA, fp32 activations on the CPU",
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(model, facts: serve.ModelFacts) -> gr.Blocks:
+def build(model, facts: serve.ModelFacts, update_seconds: float = serve.UPDATE_SECONDS) -> gr.Blocks:
     tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
     block_size = model.config.block_size
     defaults, served = SamplingParams(top_k=SamplingParams.DEFAULT_TOP_K, seed=0), SamplingParams.SERVED
@@ -64,7 +64,7 @@ def build(model, facts: serve.ModelFacts) -> gr.Blocks:
             raise gr.Error(str(err), print_exception=False) from None
         if request.cropped:
             gr.Warning(serve.crop_note(request))
-        for text, stats in serve.stream_completion(model, request, tokenizer):
+        for text, stats in serve.stream_completion(model, request, tokenizer, update_seconds):
             if guards.unread_updates(demo, visitor.session_hash) > guards.UNREAD_LIMIT:  # a /call/ nobody reads
                 log.info("stopped a generation after %d tokens: nobody reads its result", stats.new_tokens)
                 return
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         "serving %s: %s parameters, %s on %s (%d threads)",
         args.model, f"{facts.parameters:,}", facts.precision, model.device, threads,
     )  # fmt: skip
-    demo = build(model, facts)
+    demo = build(model, facts, args.update_seconds)
     guard = Middleware(guards.PerClientLimit, blocks=demo, limit=args.max_per_client)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 app_kwargs={"middleware": [guard]})  # fmt: skip

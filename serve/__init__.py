@@ -2,9 +2,20 @@
 requests and streaming completions. Front ends (app.py, bench/) use it; it builds on model/."""
 
 from .inference import load_for_inference, precision_of, use_cpu_threads
-from .requests import ModelFacts, Request, RequestError, RunStats, check_request, crop_note, stream_completion, warm_up
+from .requests import (
+    UPDATE_SECONDS,
+    ModelFacts,
+    Request,
+    RequestError,
+    RunStats,
+    check_request,
+    crop_note,
+    stream_completion,
+    warm_up,
+)
 
 __all__ = [
+    "UPDATE_SECONDS",
     "ModelFacts",
     "Request",
     "RequestError",

@@ -116,11 +116,15 @@ def crop_note(request: Request) -> str:
     )
 
 
+UPDATE_SECONDS = 0.05  # stream updates at most this often: each costs a trip through the queue and the stream
+
+
 def stream_completion(
-    model: GPT, request: Request, tokenizer: TextEncoding | None = None
+    model: GPT, request: Request, tokenizer: TextEncoding | None = None, update_seconds: float = UPDATE_SECONDS
 ) -> Iterator[tuple[str, RunStats]]:
     """Yield the prompt followed by its continuation so far, with the run's figures: first the
-    prompt alone, then each time the text grows, then once more with the final figures."""
+    prompt alone, then the first token's text at once, then the grown text at most every
+    update_seconds (0: every time it grows), then once more with the final figures."""
     tokenizer = tokenizer or load_tokenizer()
     stats = RunStats(seed=request.seed)
     if request.cropped:
@@ -137,10 +141,12 @@ def stream_completion(
             yield token
 
     token_ids = generate(model, request.prompt_ids, request.max_new_tokens, params=request.params)
-    text = request.prompt
+    text, shown = request.prompt, start - update_seconds
     for chunk in stream_text(timed(token_ids), tokenizer):
         text += chunk
-        yield text, stats
+        if time.perf_counter() - shown >= update_seconds:
+            shown = time.perf_counter()
+            yield text, stats
     stats.seconds = time.perf_counter() - start
     yield text, stats
 

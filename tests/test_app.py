@@ -29,8 +29,10 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(tiny_folder):
-    # fp32 on both sides, so greedy text matches token for token
-    with running_app("--model", str(tiny_folder), "--dtype", "float32", "--quantize", "none") as app:
+    # fp32 on both sides, so greedy text matches token for token; every token streamed, since the tiny
+    # model writes faster than the app's 50 ms between updates
+    flags = ["--dtype", "float32", "--quantize", "none", "--update-seconds", "0"]
+    with running_app("--model", str(tiny_folder), *flags) as app:
         yield app
 
 
@@ -274,7 +276,8 @@ def test_one_client_cannot_fill_the_queue_and_unread_work_stops(tmp_path):
     is served again."""
     torch.manual_seed(0)
     GPT(GPTConfig.from_preset("tiny", block_size=256)).save_pretrained(tmp_path)  # room for long generations
-    with running_app("--model", str(tmp_path), "--max-per-client", "3", "--quantize", "none") as app:
+    flags = ["--max-per-client", "3", "--quantize", "none", "--update-seconds", "0"]  # an update per token
+    with running_app("--model", str(tmp_path), *flags) as app:
         endpoint = f"{app.url}/gradio_api/call/generate"
         answers = [httpx.post(endpoint, json={"data": ["ROMEO:", 256, 0.8, 50, 1.0, i]}, timeout=30) for i in range(6)]
         assert [a.status_code for a in answers] == [200, 200, 200, 429, 429, 429]

@@ -73,6 +73,14 @@ def test_stream_completion_grows_from_the_prompt_and_counts_tokens(tiny):
     assert f"{stats.new_tokens} tokens in" in stats.summary() and f"seed {checked.seed}" in stats.summary()
 
 
+def test_updates_are_coalesced_but_the_first_token_is_shown_at_once(tiny):
+    checked = request(tiny, max_new_tokens=15, temperature=0)
+    every = [(text, stats.new_tokens) for text, stats in stream_completion(tiny, checked, update_seconds=0)]
+    rare = [(text, stats.new_tokens) for text, stats in stream_completion(tiny, checked, update_seconds=60)]
+    assert len(every) >= 15 and [n for _, n in rare] == [0, 1, 15]  # prompt, first token, the end
+    assert rare[0][0] == every[0][0] and rare[1][0] == every[1][0] and rare[-1][0] == every[-1][0]
+
+
 def test_crop_is_noted_in_the_summary(tiny):
     checked = request(tiny, prompt="ROMEO: " * 100, max_new_tokens=2)
     *_, (_, stats) = stream_completion(tiny, checked)
