@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -298,9 +299,10 @@ def load_checkpoint(source: str | Path) -> tuple[GPTConfig, dict]:
 
 def atomic_write(path: str | Path, write) -> Path:
     """Write a file through write(tmp_path), then rename it over path: a kill or a full disk never
-    leaves a half-written file. The file gets the usual mode (0644 under the default umask)."""
+    leaves a half-written file, and two processes writing the same file (the token cache under torchrun)
+    each rename a whole one. The file gets the usual mode (0644 under the default umask)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # processes may write at once
     try:
         write(tmp)
         umask = os.umask(0)
