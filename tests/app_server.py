@@ -4,6 +4,7 @@ newcomer's machine (empty home, no network)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,11 +47,11 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 
 def newcomer_env(home: Path, threads: int | None = 1) -> dict[str, str]:
-    """A fresh machine with no network: an empty HOME, TMPDIR and Hub cache, no tokenizer cache, every
-    connection that leaves the machine refused (app_env's other settings too)."""
-    env = app_env(threads)
-    for name in ("TIKTOKEN_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"):
-        env.pop(name, None)
+    """A fresh machine with no network: only PATH and the locale from this environment, an empty HOME,
+    TMPDIR and Hub cache, no cache or offline settings of any library, every connection that leaves the
+    machine refused."""
+    env = {name: os.environ[name] for name in ("PATH", "LANG", "LC_ALL") if name in os.environ}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     site = home / ".no-network"
     site.mkdir(parents=True, exist_ok=True)
     (site / "sitecustomize.py").write_text(NO_NETWORK)

@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -8,8 +7,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "input.txt"
 
-# The tokenizer files travel with the project: nothing may rely on tiktoken's download cache.
-os.environ.pop("TIKTOKEN_CACHE_DIR", None)
 # The models under test are tiny: one thread avoids spin-waiting against other work on a 2-core
 # machine (a training run beside the tests made them 50x slower with two threads).
 torch.set_num_threads(1)

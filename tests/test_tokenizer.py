@@ -1,5 +1,6 @@
 """model/tokenizer.py: the gpt2 encoding, special-token text, and streaming whole UTF-8 characters."""
 
+import os
 import random
 import shutil
 
@@ -120,7 +121,7 @@ def test_special_token_text_only_when_allowed(tokenizer):
 
 
 def test_the_tokenizer_is_built_without_network_or_caches(monkeypatch, tmp_path):
-    """No download, no TIKTOKEN_CACHE_DIR, no home folder: the packaged vocab.json + merges.txt suffice."""
+    """No download, no tiktoken cache setting, no home folder: the packaged vocab.json + merges.txt suffice."""
     import socket
 
     from model import tokenizer as tokenizer_module
@@ -131,7 +132,8 @@ def test_the_tokenizer_is_built_without_network_or_caches(monkeypatch, tmp_path)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    for name in [name for name in os.environ if name.startswith("TIKTOKEN")]:  # no tiktoken cache setting
+        monkeypatch.delenv(name)
     tokenizer_module._load.cache_clear()
     fresh = load_tokenizer()
     assert fresh.encode("Hello world") == [15496, 995] and fresh.n_vocab == 50257
