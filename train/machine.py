@@ -66,9 +66,14 @@ class Machine:
         return tensor.tolist()
 
 
+def process_rank() -> tuple[int, int]:
+    """This process's rank and the number of processes (torchrun's RANK and WORLD_SIZE; 0 and 1 alone)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def setup_machine(config: TrainConfig) -> Machine:
     """Device, autocast dtype and process group, decided once (RANK / WORLD_SIZE / LOCAL_RANK come from torchrun)."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = process_rank()
     device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import shlex
 import signal
 import sys
@@ -28,7 +27,7 @@ from model.tokenizer import TokenizerError  # noqa: E402
 from train import outputs  # noqa: E402
 from train.config import TrainConfig, parse_args, resumed_config  # noqa: E402
 from train.data import DataError  # noqa: E402
-from train.machine import setup_machine  # noqa: E402
+from train.machine import process_rank, setup_machine  # noqa: E402
 from train.trainer import Diverged, Trainer  # noqa: E402
 
 log = logging.getLogger("train")
@@ -44,7 +43,7 @@ def settle(config: TrainConfig, explicit: dict) -> TrainConfig:
         log.info("SageMaker restarted the job: resuming from %s", latest)
         explicit = {**explicit, "resume": True}
     elif config.restart:
-        if int(os.environ.get("RANK", 0)) == 0:  # the main process only: several would race to remove the files
+        if process_rank()[0] == 0:  # the main process only: several would race to remove the files
             outputs.clear_earlier_run([out_dir, checkpoint_dir])
     elif not config.resume and (earlier := outputs.earlier_run([out_dir, checkpoint_dir])):
         raise outputs.OutputError(
@@ -72,7 +71,7 @@ def resume_command(config: TrainConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config, explicit = parse_args(argv)
-    main_process = int(os.environ.get("RANK", 0)) == 0
+    main_process = process_rank()[0] == 0
     try:
         out_dir, checkpoint_dir, _ = outputs.out_dirs(config.out_dir, config.checkpoint_dir)
         if main_process:  # everything the end of the run needs, before the first step
