@@ -106,6 +106,11 @@ def config_from_hf(hf: dict) -> GPTConfig:
         raise CheckpointError(f"config.json: {err}") from None
 
 
+def layer_indices(names) -> set[int]:
+    """The block numbers that tensor names (as normalized_name gives them) belong to."""
+    return {int(m.group(1)) for name in names if (m := re.match(r"transformer\.h\.(\d+)\.", name))}
+
+
 def check_shapes(config: GPTConfig, shapes: dict[str, tuple], source: Path) -> None:
     """The config agrees with the tensors' shapes (names as normalized_name gives them): the embeddings'
     sizes and the number of layers. Runs on a safetensors header before any tensor is read or any layer
@@ -115,7 +120,7 @@ def check_shapes(config: GPTConfig, shapes: dict[str, tuple], source: Path) -> N
                            ("transformer.wpe.weight", (config.block_size, config.n_embd))):  # fmt: skip
         if name in shapes and tuple(shapes[name]) != expected:
             problems.append(f"{name} is {tuple(shapes[name])}, the config says {expected}")
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    layers = layer_indices(shapes)
     if config.n_layer > len(layers):  # more layers in the file: the strict load names the unexpected tensors
         problems.append(f"the config says {config.n_layer} layers, the weights hold {len(layers)}")
     if problems:
@@ -163,7 +168,7 @@ def infer_config(state_dict: dict, hints: dict | None = None) -> GPTConfig:
         block_size = state_dict["transformer.wpe.weight"].shape[0]
     except KeyError as missing:
         raise CheckpointError(f"checkpoint has no tensor {missing.args[0]}; is it a GPT-2 checkpoint?") from None
-    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    layers = layer_indices(state_dict)
     n_head = hints.get("n_head")
     if n_head is None:  # guessing it would load and then babble
         raise CheckpointError(
@@ -291,8 +296,10 @@ def load_checkpoint(source: str | Path) -> tuple[GPTConfig, dict]:
         check_shapes(config, shapes, weights)
     state_dict, hints = _read_weights(weights)
     state_dict = normalize_state_dict(state_dict)
-    config = config or infer_config(state_dict, hints)
-    check_shapes(config, {name: tuple(t.shape) for name, t in state_dict.items()}, weights)
+    if config is None:
+        config = infer_config(state_dict, hints)
+    elif shapes is None:  # a .pt file has no header: its shapes are known once it is read
+        check_shapes(config, {name: tuple(t.shape) for name, t in state_dict.items()}, weights)
     check_values(state_dict, weights)
     return config, state_dict
 

@@ -1,5 +1,5 @@
 """The GPT-2 tokenizer, built offline from the Hugging Face `vocab.json` + `merges.txt` (the same data as
-tiktoken's `gpt2` encoding), its files in the Hugging Face layout, and text streaming that never splits
+tiktoken's `gpt2` encoding), the names of its files in a model folder, and text streaming that never splits
 a UTF-8 character."""
 
 from __future__ import annotations
