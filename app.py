@@ -18,8 +18,13 @@ from serve import guards
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 log = logging.getLogger("app")
-CONCURRENCY_LIMIT = 2  # a Space's "CPU basic" has 2 vCPUs
 QUEUE_SIZE = 32
+
+
+def at_least_one(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860))
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--max-per-client", type=int, default=8, help="generations a client may have queued or running")
+    parser.add_argument("--max-batch", type=at_least_one, default=serve.MAX_BATCH, help="generations decoded "
+                        "together, one row each of a model step (more wait in the queue)")  # fmt: skip
+    parser.add_argument("--max-per-client", type=at_least_one, default=8,
+                        help="generations a client may have queued or running")  # fmt: skip
     parser.add_argument("--update-seconds", type=float, default=serve.UPDATE_SECONDS, help="stream updates at most "
                         "this often (the first token is shown at once); 0 = every token")  # fmt: skip
     parser.add_argument(
@@ -49,8 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(model, facts: serve.ModelFacts, update_seconds: float = serve.UPDATE_SECONDS) -> gr.Blocks:
+def build(
+    scheduler: serve.Scheduler, facts: serve.ModelFacts, update_seconds: float = serve.UPDATE_SECONDS
+) -> gr.Blocks:
     tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
+    model = scheduler.model
     block_size = model.config.block_size
     defaults, served = SamplingParams(top_k=SamplingParams.DEFAULT_TOP_K, seed=0), SamplingParams.SERVED
 
@@ -64,7 +75,7 @@ def build(model, facts: serve.ModelFacts, update_seconds: float = serve.UPDATE_S
             raise gr.Error(str(err), print_exception=False) from None
         if request.cropped:
             gr.Warning(serve.crop_note(request))
-        for text, stats in serve.stream_completion(model, request, tokenizer, update_seconds):
+        for text, stats in serve.stream_completion(scheduler, request, tokenizer, update_seconds):
             if guards.unread_updates(demo, visitor.session_hash) > guards.UNREAD_LIMIT:  # a /call/ nobody reads
                 log.info("stopped a generation after %d tokens: nobody reads its result", stats.new_tokens)
                 return
@@ -114,7 +125,7 @@ def build(model, facts: serve.ModelFacts, update_seconds: float = serve.UPDATE_S
             [output, run_stats],
             api_name="generate",
             preprocess=False,
-            concurrency_limit=CONCURRENCY_LIMIT,
+            concurrency_limit=scheduler.max_batch,  # each running call is one row of the scheduler's batch
         )
         for event in (run, stop_button.click(None, cancels=[run])):
             event.then(lambda summary: summary, run_stats, stats, api_visibility="private", queue=False)
@@ -140,10 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     serve.warm_up(model)
     logging.info(
-        "serving %s: %s parameters, %s on %s (%d threads)",
-        args.model, f"{facts.parameters:,}", facts.precision, model.device, threads,
+        "serving %s: %s parameters, %s on %s (%d threads), up to %d generations per step",
+        args.model, f"{facts.parameters:,}", facts.precision, model.device, threads, args.max_batch,
     )  # fmt: skip
-    demo = build(model, facts, args.update_seconds)
+    demo = build(serve.Scheduler(model, args.max_batch), facts, args.update_seconds)
     guard = Middleware(guards.PerClientLimit, blocks=demo, limit=args.max_per_client)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 app_kwargs={"middleware": [guard]})  # fmt: skip

@@ -14,8 +14,9 @@ from .config import GPTConfig
 
 
 class KVCache:
-    """Keys and values of every layer for up to block_size positions, allocated once. It holds no
-    position: each call says where its tokens go (input_pos), as litgpt passes it."""
+    """Keys and values of every layer for up to block_size positions of batch_size sequences (slots),
+    allocated once. It holds no position: each call says where its tokens go (input_pos), as litgpt
+    passes it, and which slot each row uses."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype) -> None:
         head_size = config.n_embd // config.n_head
@@ -33,23 +34,36 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, where=None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        mask, is_causal = None, T > 1
-        if cache is not None:
-            keys, values = cache.keys[layer], cache.values[layer]
-            keys[:, :, start : start + T] = k
-            values[:, :, start : start + T] = v
-            k, v = keys[:, :, : start + T], values[:, :, : start + T]
-            if start and T > 1:  # a chunk after cached positions: each query sees its own prefix
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-                is_causal = False
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        if cache is None:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        else:  # row by row, each in its own cache slot at its own position: a row's result never depends on others
+            rows = [
+                self._attend_cached(q[b : b + 1], k[b : b + 1], v[b : b + 1], cache, layer, *where[b]) for b in range(B)
+            ]
+            y = torch.cat(rows) if B > 1 else rows[0]
         y = y.transpose(1, 2).reshape(B, T, C)
         y = self.c_proj(y)
-        return F.dropout(y, dropout) if self.training else y
+        return F.dropout(y, self.dropout) if self.training else y
+
+    @staticmethod
+    def _attend_cached(q, k, v, cache: KVCache, layer: int, slot: int, start: int) -> torch.Tensor:
+        """Attention of one row's T new positions start .. start + T - 1, whose keys and values are written
+        into cache slot `slot`, over every position of that slot up to the last new one."""
+        T = q.shape[2]
+        keys, values = cache.keys[layer][slot : slot + 1], cache.values[layer][slot : slot + 1]
+        keys[:, :, start : start + T] = k
+        values[:, :, start : start + T] = v
+        mask, is_causal = None, T > 1
+        if start and T > 1:  # a chunk after cached positions: each query sees its own prefix
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+            is_causal = False
+        return F.scaled_dot_product_attention(
+            q, keys[:, :, : start + T], values[:, :, : start + T], attn_mask=mask, is_causal=is_causal
+        )
 
 
 class MLP(nn.Module):
@@ -72,8 +86,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, start)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, where=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, where)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,20 +131,30 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
-    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """The final hidden states of idx (B, T) at positions start .. start + T - 1; with a cache, the
-        keys and values of those positions are written into it and the earlier ones are read from it."""
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None, start=0, slots=None) -> torch.Tensor:
+        """The final hidden states of idx (B, T). Row b is at positions start .. start + T - 1 (start: one
+        number for every row, or a list with each row's own); with a cache, row b's keys and values are
+        written into cache slot slots[b] (default b) and its earlier positions are read from there."""
         B, T = idx.shape
-        if start + T > self.config.block_size:
+        starts = [start] * B if isinstance(start, int) else [int(s) for s in start]
+        if len(starts) != B or (slots is not None and len(slots) != B):
+            raise ValueError(f"{B} rows need {B} start positions and cache slots")
+        if max(starts) + T > self.config.block_size:
             raise ValueError(
-                f"sequence of {start + T} tokens is longer than the context ({self.config.block_size}); "
+                f"sequence of {max(starts) + T} tokens is longer than the context ({self.config.block_size}); "
                 "crop it to the last block_size tokens"
             )
-        x = self.transformer.wte(idx) + self.transformer.wpe.weight[start : start + T]  # positions are a slice
+        if isinstance(start, int):
+            positions = self.transformer.wpe.weight[start : start + T]  # a slice: no index tensor
+        else:
+            offsets = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
+            positions = self.transformer.wpe(offsets)
+        x = self.transformer.wte(idx) + positions
         if self.training:
             x = self.transformer.drop(x)
+        where = list(zip(range(B) if slots is None else slots, starts, strict=True)) if cache is not None else None
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, start)
+            x = block(x, cache, layer, where)
         return self.transformer.ln_f(x)
 
     def forward(
@@ -147,10 +171,12 @@ class GPT(nn.Module):
         weight = self.transformer.wte.weight
         return KVCache(self.config, batch_size, weight.device, weight.dtype)
 
-    def next_token_logits(self, idx: torch.Tensor, cache: KVCache, input_pos: int) -> torch.Tensor:
-        """Run idx (B, T) at positions input_pos .. input_pos + T - 1, after the input_pos positions
-        already in the cache, and return the last position's logits (B, vocab)."""
-        return self.lm_head(self._hidden(idx, cache, input_pos)[:, -1])
+    def next_token_logits(self, idx: torch.Tensor, cache: KVCache, input_pos, slots=None) -> torch.Tensor:
+        """Run idx (B, T) at positions input_pos .. input_pos + T - 1 after the input_pos positions already
+        in the cache, and return each row's last logits (B, vocab). input_pos is one number for every row
+        or a list with each row's own; row b uses cache slot slots[b] (default b). Rows are independent:
+        each attends over its own slot only, so decoding many sequences is one call with one row each."""
+        return self.lm_head(self._hidden(idx, cache, input_pos, slots)[:, -1])
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device=None, dtype=None) -> GPT:

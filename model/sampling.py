@@ -111,11 +111,6 @@ def sample_token(
     return choice if candidates is None else int(candidates[choice])
 
 
-@torch.inference_mode()
-def _logits(model: GPT, tokens: list[int], cache, input_pos: int) -> torch.Tensor:
-    return model.next_token_logits(torch.tensor([tokens], device=model.device), cache, input_pos)[0].float()
-
-
 def generate(
     model: GPT,
     prompt_ids: Sequence[int] | torch.Tensor,
@@ -130,10 +125,9 @@ def generate(
     """Yield up to max_new_tokens new token ids, one at a time, sampled as params says, else as the
     keyword settings say (checked here: top_k None and top_p None are off, seed None is random).
     A seed makes the output reproducible whatever else runs; stops after <|endoftext|>. The model runs
-    in eval mode while the generator is live. The prompt (its last block_size tokens) is prefilled once
-    into a KV cache, then one position runs per step. When the context is full, its last half is
-    prefilled again and decoding goes on from there, as llama.cpp shifts its context: one prefill per
-    half context instead of a full window per token."""
+    in eval mode while the generator is live. This is a Batch of one row: the prompt (its last
+    block_size tokens) is prefilled into a KV cache in chunks, then one position runs per step, and
+    past the context the last half is kept (see Batch)."""
     if params is None:
         params = SamplingParams(temperature, top_k or 0, 1.0 if top_p is None else top_p, seed)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -148,25 +142,127 @@ def generate(
 
 
 def _sample(model: GPT, tokens: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[int]:
-    block_size = model.config.block_size
-    generator = torch.Generator(device=model.device)
-    generator.manual_seed(params.seed)
-    cache = model.new_kv_cache()
+    if max_new_tokens == 0:
+        return
+    batch = Batch(model, 1)
+    row = batch.add(tokens, max_new_tokens, params)
     was_training = model.training
     model.eval()  # no dropout while sampling (and no draw from the global RNG a trainer relies on)
     try:
-        window = tokens[-block_size:]
-        logits, position = _logits(model, window, cache, 0), len(window)
-        for step in range(max_new_tokens):
-            token = sample_token(logits, params.temperature, params.top_k, params.top_p, generator)
-            yield token
-            if token == EOT_TOKEN or step == max_new_tokens - 1:
+        while True:
+            for _, token in batch.next_tokens():
+                yield token
+            if row.done:
                 return
-            tokens.append(token)
-            if position < block_size:
-                logits, position = _logits(model, [token], cache, position), position + 1
-            else:  # the context is full: keep its last half and go on from there (one prefill per half context)
-                window = tokens[-(block_size // 2) :]
-                logits, position = _logits(model, window, cache, 0), len(window)
+            batch.advance()
     finally:
         model.train(was_training)
+
+
+PREFILL_CHUNK = 64  # prompt tokens prefilled per step: a long prompt holds up the rows decoding beside it briefly
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence of a Batch: its tokens so far (prompt and generated), its settings and RNG, its cache
+    slot and how many positions of it are there, the tokens still to prefill, and its next logits."""
+
+    tokens: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    slot: int
+    generator: torch.Generator
+    pending: list[int]
+    position: int = 0
+    new_tokens: int = 0
+    logits: torch.Tensor | None = None
+    done: bool = False
+
+
+class Batch:
+    """Sequences generated together, one row each: every step samples a token for each row that has
+    logits, then runs all their new tokens through the model in one call (its weights read once for all).
+    A row joins and leaves between steps; its prompt is prefilled PREFILL_CHUNK tokens per step, the
+    oldest waiting row first. Rows never see each other: each has its own cache slot, positions,
+    settings and RNG, and the model's rows are computed independently, so with batch-invariant kernels
+    (the CPU int8 Linear) a row's text is the same whatever else runs. generate() is a batch of one.
+
+    Past the context, a row keeps the last half of its text and goes on from there (its last half is
+    prefilled again), as llama.cpp shifts its context: one prefill per half context, not per token."""
+
+    def __init__(self, model: GPT, max_rows: int) -> None:
+        self.model, self.max_rows = model, max_rows
+        self.cache = model.new_kv_cache(max_rows)
+        self.rows: list[Row] = []
+        self._free = list(range(max_rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def full(self) -> bool:
+        return not self._free
+
+    def add(self, tokens: list[int], max_new_tokens: int, params: SamplingParams) -> Row:
+        """A new row for a prompt's token ids (checked by generate() or the caller); it reads the last
+        block_size of them."""
+        if self.full:
+            raise RuntimeError(f"the batch is full ({self.max_rows} rows)")
+        generator = torch.Generator(device=self.model.device)
+        generator.manual_seed(params.seed)
+        window = tokens[-self.model.config.block_size :]
+        row = Row(list(tokens), max_new_tokens, params, self._free.pop(0), generator, pending=window)
+        self.rows.append(row)
+        return row
+
+    def remove(self, row: Row) -> None:
+        """Take a row out (finished, stopped or abandoned); its cache slot is free for the next."""
+        if row in self.rows:
+            self.rows.remove(row)
+            self._free.append(row.slot)
+            self._free.sort()
+        row.done = True
+
+    @torch.inference_mode()
+    def next_tokens(self) -> list[tuple[Row, int]]:
+        """Prefill one chunk of the oldest row still prefilling, then sample the next token of every row
+        with logits. Rows that end (end-of-text or max_new_tokens) leave the batch."""
+        prefilling = next((row for row in self.rows if row.pending), None)
+        if prefilling is not None:
+            chunk, prefilling.pending = prefilling.pending[:PREFILL_CHUNK], prefilling.pending[PREFILL_CHUNK:]
+            logits = self._run([prefilling], [chunk])
+            prefilling.position += len(chunk)
+            if not prefilling.pending:
+                prefilling.logits = logits[0]
+        sampled = []
+        for row in [row for row in self.rows if row.logits is not None]:
+            params = row.params
+            token = sample_token(row.logits, params.temperature, params.top_k, params.top_p, row.generator)
+            row.logits, row.new_tokens = None, row.new_tokens + 1
+            row.tokens.append(token)
+            sampled.append((row, token))
+            if token == EOT_TOKEN or row.new_tokens >= row.max_new_tokens:
+                self.remove(row)
+        return sampled
+
+    @torch.inference_mode()
+    def advance(self) -> None:
+        """Run each row's newest token through the model in one call, giving every row its next logits;
+        a row whose context is full keeps its last half to prefill again instead."""
+        block_size = self.model.config.block_size
+        decoding = []
+        for row in self.rows:
+            if row.logits is not None or row.pending:
+                continue
+            if row.position < block_size:
+                decoding.append(row)
+            else:
+                row.pending, row.position = row.tokens[-(block_size // 2) :], 0
+        if decoding:
+            for row, logits in zip(decoding, self._run(decoding, [[row.tokens[-1]] for row in decoding]), strict=True):
+                row.logits, row.position = logits, row.position + 1
+
+    def _run(self, rows: list[Row], tokens: list[list[int]]) -> torch.Tensor:
+        idx = torch.tensor(tokens, device=self.model.device)
+        positions, slots = [row.position for row in rows], [row.slot for row in rows]
+        return self.model.next_token_logits(idx, self.cache, positions, slots).float()

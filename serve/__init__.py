@@ -1,6 +1,7 @@
 """Serving ShakespeareGPT: loading a model for inference (device, precision, int8, CPU threads), checking
 requests and streaming completions. Front ends (app.py, bench/) use it; it builds on model/."""
 
+from .batching import MAX_BATCH, Scheduler
 from .inference import load_for_inference, precision_of, use_cpu_threads
 from .requests import (
     UPDATE_SECONDS,
@@ -15,6 +16,8 @@ from .requests import (
 )
 
 __all__ = [
+    "MAX_BATCH",
+    "Scheduler",
     "UPDATE_SECONDS",
     "ModelFacts",
     "Request",

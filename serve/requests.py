@@ -23,6 +23,7 @@ from model.card import CARD_NAME, CardError
 from model.sampling import SamplingError, checked_number
 from model.tokenizer import TextEncoding
 
+from .batching import Scheduler
 from .inference import precision_of
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,16 @@ UPDATE_SECONDS = 0.05  # stream updates at most this often: each costs a trip th
 
 
 def stream_completion(
-    model: GPT, request: Request, tokenizer: TextEncoding | None = None, update_seconds: float = UPDATE_SECONDS
+    scheduler: Scheduler,
+    request: Request,
+    tokenizer: TextEncoding | None = None,
+    update_seconds: float = UPDATE_SECONDS,
 ) -> Iterator[tuple[str, RunStats]]:
     """Yield the prompt followed by its continuation so far, with the run's figures: first the
     prompt alone, then the first token's text at once, then the grown text at most every
-    update_seconds (0: every time it grows), then once more with the final figures."""
+    update_seconds (0: every time it grows), then once more with the final figures. The request runs
+    as a row of the scheduler's batch; closing this generator takes it out at the next step. Its
+    timing starts here, so a wait for a free row counts in the time to its first token."""
     tokenizer = tokenizer or load_tokenizer()
     stats = RunStats(seed=request.seed)
     if request.cropped:
@@ -140,15 +146,18 @@ def stream_completion(
             stats.new_tokens += 1
             yield token
 
-    token_ids = generate(model, request.prompt_ids, request.max_new_tokens, params=request.params)
-    text, shown = request.prompt, start - update_seconds
-    for chunk in stream_text(timed(token_ids), tokenizer):
-        text += chunk
-        if time.perf_counter() - shown >= update_seconds:
-            shown = time.perf_counter()
-            yield text, stats
-    stats.seconds = time.perf_counter() - start
-    yield text, stats
+    token_ids = scheduler.generate(request.prompt_ids, request.max_new_tokens, request.params)
+    try:
+        text, shown = request.prompt, start - update_seconds
+        for chunk in stream_text(timed(token_ids), tokenizer):
+            text += chunk
+            if time.perf_counter() - shown >= update_seconds:
+                shown = time.perf_counter()
+                yield text, stats
+        stats.seconds = time.perf_counter() - start
+        yield text, stats
+    finally:
+        token_ids.close()  # a reader that went away frees its row at the next step
 
 
 def warm_up(model: GPT) -> None:

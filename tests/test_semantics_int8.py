@@ -51,12 +51,13 @@ def test_each_row_keeps_a_small_relative_error(seed):
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_int8_linear_equals_per_row_quantised_weights_exactly(with_bias):
-    """On activations int8 represents exactly (integers in [-63, 64]), the output is x @ Wq.T + b with
+    """On activations int8 represents exactly (integers in [-63, 63], each row reaching 63 in size: a row
+    is quantised on 63 steps of its own max |x| either side of 0), the output is x @ Wq.T + b with
     Wq = round(w / s) * s and s = max |w| of the row / 127: any other scale, rounding or clamp shows."""
     weight, bias = uneven_rows(7)
     bias = bias if with_bias else None
-    x = torch.randint(-63, 65, (32, IN), generator=torch.Generator().manual_seed(8)).float()
-    x[0, :2] = torch.tensor([-63.0, 64.0])  # the activation range spans 127 steps of 1.0: quantised exactly
+    x = torch.randint(-63, 64, (32, IN), generator=torch.Generator().manual_seed(8)).float()
+    x[:, 0] = torch.where(torch.arange(32) % 2 == 0, 63.0, -63.0)
     expected = F.linear(x, quantised(weight, weight.abs().amax(dim=1) / 127), bias)
     got = Int8Linear(weight, bias)(x)
     assert row_errors(got, expected).max() < 1e-5
@@ -109,3 +110,21 @@ def test_quantize_int8_keeps_every_row_of_a_model_close(tiny_model):
         assert isinstance(layer, Int8Linear)
         inputs = x if weight.shape[1] == x.shape[1] else torch.randn(8, weight.shape[1])
         assert row_errors(layer(inputs), F.linear(inputs, weight, bias)).max() < ROW_ERROR_BOUND
+
+
+def test_a_rows_output_does_not_depend_on_its_batch_mates():
+    """The same input row gives bit-identical outputs alone and among 1, 3, 7 or 15 other rows of any size
+    (the per-row input range); PyTorch's dynamic int8 Linear, one range for the whole batch, does not."""
+    weight, bias = uneven_rows(3)
+    layer = Int8Linear(weight, bias)
+    generator = torch.Generator().manual_seed(9)
+    row = torch.randn(1, IN, generator=generator)
+    alone = layer(row)
+    for others in (1, 3, 7, 15):
+        batch = torch.randn(others + 1, IN, generator=generator) * 10.0 ** torch.randint(-2, 3, (others + 1, 1))
+        batch[others // 2] = row
+        assert torch.equal(layer(batch)[others // 2], alone[0])
+        assert torch.equal(layer(batch[:, None])[others // 2, 0], alone[0])  # (B, T, C) as in the model
+    mates = torch.cat([row, 50 * torch.randn(3, IN, generator=generator)])
+    dynamic = torch.ops.quantized.linear_dynamic.default
+    assert not torch.equal(dynamic(mates, layer._packed, True)[0], dynamic(row, layer._packed, True)[0])

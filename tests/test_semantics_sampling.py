@@ -202,7 +202,7 @@ def test_n_tokens_take_n_forward_passes(tiny_model, monkeypatch):
     """A prefill then one step per further token: no forward pass after the last token or an end-of-text."""
     calls = []
     original = tiny_model.next_token_logits
-    monkeypatch.setattr(tiny_model, "next_token_logits", lambda *args: calls.append(args[2]) or original(*args))
+    monkeypatch.setattr(tiny_model, "next_token_logits", lambda *args: calls.extend(args[2]) or original(*args))
     assert len(list(generate(tiny_model, PROMPT, 6, temperature=0))) == 6
     assert calls == [0, 4, 5, 6, 7, 8]  # the input positions: the prompt at 0, then each new token after it
     calls.clear()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, SamplingParams, generate, load_tokenizer, render_model_card, stream_text
-from serve import ModelFacts, RequestError, check_request, stream_completion
+from serve import ModelFacts, RequestError, Scheduler, check_request, stream_completion
 
 SEED_MAX = SamplingParams.SEED_MAX
 
@@ -15,6 +15,12 @@ SEED_MAX = SamplingParams.SEED_MAX
 def tiny():
     torch.manual_seed(0)
     return GPT(GPTConfig.from_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def scheduler(tiny):
+    with Scheduler(tiny) as running:
+        yield running
 
 
 def request(model, **changes):
@@ -58,32 +64,32 @@ def test_long_prompt_is_cropped_to_the_context(tiny):
     assert not request(tiny).cropped
 
 
-def test_stream_completion_grows_from_the_prompt_and_counts_tokens(tiny):
+def test_stream_completion_grows_from_the_prompt_and_counts_tokens(tiny, scheduler):
     checked = request(tiny, max_new_tokens=15, temperature=0)
-    items = [(text, stats.new_tokens) for text, stats in stream_completion(tiny, checked)]
+    items = [(text, stats.new_tokens) for text, stats in stream_completion(scheduler, checked)]
     texts = [text for text, _ in items]
     assert texts[0] == "ROMEO:" and items[0][1] == 0
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
     tokenizer = load_tokenizer()
     new_ids = list(generate(tiny, tokenizer.encode("ROMEO:"), 15, temperature=0))
     assert texts[-1] == "ROMEO:" + "".join(stream_text(new_ids, tokenizer))
-    *_, (_, stats) = stream_completion(tiny, checked)
+    *_, (_, stats) = stream_completion(scheduler, checked)
     assert stats.new_tokens == len(new_ids) and stats.seconds > 0 and stats.first_token_seconds <= stats.seconds
     assert stats.tokens_per_second == pytest.approx(stats.new_tokens / stats.seconds)
     assert f"{stats.new_tokens} tokens in" in stats.summary() and f"seed {checked.seed}" in stats.summary()
 
 
-def test_updates_are_coalesced_but_the_first_token_is_shown_at_once(tiny):
+def test_updates_are_coalesced_but_the_first_token_is_shown_at_once(tiny, scheduler):
     checked = request(tiny, max_new_tokens=15, temperature=0)
-    every = [(text, stats.new_tokens) for text, stats in stream_completion(tiny, checked, update_seconds=0)]
-    rare = [(text, stats.new_tokens) for text, stats in stream_completion(tiny, checked, update_seconds=60)]
+    every = [(text, stats.new_tokens) for text, stats in stream_completion(scheduler, checked, update_seconds=0)]
+    rare = [(text, stats.new_tokens) for text, stats in stream_completion(scheduler, checked, update_seconds=60)]
     assert len(every) >= 15 and [n for _, n in rare] == [0, 1, 15]  # prompt, first token, the end
     assert rare[0][0] == every[0][0] and rare[1][0] == every[1][0] and rare[-1][0] == every[-1][0]
 
 
-def test_crop_is_noted_in_the_summary(tiny):
+def test_crop_is_noted_in_the_summary(tiny, scheduler):
     checked = request(tiny, prompt="ROMEO: " * 100, max_new_tokens=2)
-    *_, (_, stats) = stream_completion(tiny, checked)
+    *_, (_, stats) = stream_completion(scheduler, checked)
     assert "only its last 64 tokens" in stats.summary()
 
 

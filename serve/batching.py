@@ -1,0 +1,150 @@
+"""Continuous batching: every running request is one row of a shared decoding step (model.sampling.Batch),
+driven by one thread that owns the model. Decoding is memory-bound, so a step for 8 rows costs little more
+than a step for one: the weights are read once for all of them.
+
+A request joins at the next step boundary when a row is free (else it waits, in arrival order) and
+leaves at the next one when it ends, is stopped or its reader goes away: no work is spent on it after.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+
+from model import GPT, SamplingParams
+from model.sampling import Batch, Row
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 8  # rows decoded together: on 2 CPU cores, 8 rows give ~4.5x the tokens/s of one (int8 GPT-2 124M)
+_END = object()
+
+
+class TokenStream(Iterator[int]):
+    """The tokens of one request as the scheduler produces them. close() (or dropping a generator that
+    reads it) cancels the request: its row leaves the batch at the next step."""
+
+    def __init__(self, scheduler: Scheduler, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams):
+        self.prompt_ids, self.max_new_tokens, self.params = prompt_ids, max_new_tokens, params
+        self.closed = False
+        self._scheduler = scheduler
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+
+    def __next__(self) -> int:
+        if self.closed:
+            raise StopIteration
+        item = self._items.get()
+        if item is _END:
+            self.closed = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.closed = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._scheduler.wake()
+
+    def put(self, item) -> None:
+        self._items.put(item)
+
+
+class Scheduler:
+    """Runs every request's generation as a row of one Batch, on a thread of its own, max_batch rows at a
+    time; requests beyond that wait in arrival order. generate() is a drop-in for model.generate: the
+    same tokens for the same seed (bit-identical where the model's kernels are batch-invariant, as the
+    CPU int8 path is), whatever else runs."""
+
+    def __init__(self, model: GPT, max_batch: int = MAX_BATCH) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
+        self.model, self.max_batch = model, max_batch
+        model.eval()
+        self._batch = Batch(model, max_batch)
+        self._streams: dict[Row, TokenStream] = {}
+        self._waiting: deque[TokenStream] = deque()
+        self._changed = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="batched-decoding", daemon=True)
+        self._thread.start()
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> TokenStream:
+        """Queue a request (token ids checked by the caller, at least one new token) and return its tokens."""
+        if max_new_tokens < 1 or not prompt_ids:
+            raise ValueError("a request needs a prompt and at least one new token")
+        stream = TokenStream(self, list(prompt_ids), max_new_tokens, params)
+        with self._changed:
+            if self._stopped:
+                raise RuntimeError("the scheduler is closed")
+            self._waiting.append(stream)
+            self._changed.notify()
+        return stream
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch now."""
+        return len(self._streams)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a row."""
+        return len(self._waiting)
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Stop the decoding thread; requests still running end with an error."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+        self._thread.join()
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _admit(self) -> bool:
+        """Drop closed requests, move waiting ones into free rows; False once the scheduler is closed."""
+        with self._changed:
+            while True:
+                for row, stream in list(self._streams.items()):
+                    if stream.closed:
+                        self._leave(row)
+                self._waiting = deque(stream for stream in self._waiting if not stream.closed)
+                while self._waiting and not self._batch.full:
+                    stream = self._waiting.popleft()
+                    self._streams[self._batch.add(stream.prompt_ids, stream.max_new_tokens, stream.params)] = stream
+                if self._stopped or self._streams:
+                    return not self._stopped
+                self._changed.wait()
+
+    def _leave(self, row: Row, last=None) -> None:
+        self._batch.remove(row)
+        stream = self._streams.pop(row)
+        stream.put(_END if last is None else last)
+
+    def _loop(self) -> None:
+        while self._admit():
+            try:
+                for row, token in self._batch.next_tokens():
+                    self._streams[row].put(token)
+                    if row.done:
+                        self._leave(row)
+                self._batch.advance()
+            except Exception as err:  # noqa: BLE001 - a failed step must end its requests, not the server
+                log.exception("a decoding step failed; ending the %d requests in it", len(self._streams))
+                for row in list(self._streams):
+                    self._leave(row, RuntimeError(f"generation failed: {err}"))
+        for row in list(self._streams):
+            self._leave(row, RuntimeError("the server is shutting down"))
+        for stream in self._waiting:
+            stream.put(RuntimeError("the server is shutting down"))
