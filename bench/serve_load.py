@@ -1,0 +1,136 @@
+"""Many visitors at once: the real app under 1, 2, 4, 8 and 16 concurrent clients, in one run.
+
+    python bench/serve_load.py [--models random assets] [--new-tokens 64] [-- app flags]
+
+For each model (`random`: GPT-2 124M with GPT-2's random initialisation, seed 0; `assets`: the model
+shipped in assets/; or any --model source) it launches `python app.py` (its defaults: int8 on the CPU,
+--max-batch 8) and prints, through gradio_client as visitors call it:
+- tokens/s for N clients asking at once: the aggregate, and each client's own (median), and their
+  ratios to one client alone;
+- the time to the first token of a client arriving while 8 others stream.
+Then, in-process, how many seeded answers are identical alone and in a batch of 8, for each precision.
+Goals (issue 12): 8 clients >= 4x one client's aggregate, each >= 45% of one alone; first token
+<= 0.5 s while 8 stream; every int8 answer identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+import torch  # noqa: E402
+from gradio_client import Client  # noqa: E402
+
+from model import GPT, GPTConfig, SamplingParams, load_tokenizer  # noqa: E402
+from serve import Scheduler, load_for_inference  # noqa: E402
+from serve.launch import app_env, running_app  # noqa: E402
+
+PROMPT = "ROMEO:"
+CLIENTS = (1, 2, 4, 8, 16)
+PRECISIONS = {"fp32": dict(dtype="float32", quantize="none"), "bf16": dict(dtype="bfloat16", quantize="none"),
+              "int8": dict(dtype="float32", quantize="int8")}  # fmt: skip
+
+
+def ask(client: Client, new_tokens: int, seed: int, started: threading.Event | None = None) -> tuple[float, float, int]:
+    """(seconds to the first streamed token, seconds to the end, tokens received) of one visitor."""
+    start, first = time.perf_counter(), None
+    job = client.submit(PROMPT, new_tokens, 0.8, 50, 1.0, seed, api_name="/generate")
+    for text in job:
+        if first is None and len(text) > len(PROMPT):
+            first = time.perf_counter() - start
+            if started is not None:
+                started.set()
+    total = time.perf_counter() - start
+    return first or total, total, len(load_tokenizer().encode(job.result()[len(PROMPT) :]))
+
+
+def load(client: Client, clients: int, new_tokens: int) -> tuple[float, float, float]:
+    """(aggregate tokens/s, median tokens/s of one client from its request to its end, median first token s)."""
+    with ThreadPoolExecutor(clients) as pool:
+        start = time.perf_counter()
+        runs = list(pool.map(lambda seed: ask(client, new_tokens, seed), range(clients)))
+        wall = time.perf_counter() - start
+    aggregate = sum(tokens for _, _, tokens in runs) / wall
+    return aggregate, statistics.median(t / total for _, total, t in runs), statistics.median(f for f, _, _ in runs)
+
+
+def first_token_while_streaming(client: Client, streaming: int, new_tokens: int, tries: int = 3) -> float:
+    """Median seconds to the first token of a visitor arriving once `streaming` others all stream."""
+    firsts = []
+    for attempt in range(tries):
+        events = [threading.Event() for _ in range(streaming)]
+        with ThreadPoolExecutor(streaming + 1) as pool:
+            others = [pool.submit(ask, client, new_tokens, 100 * attempt + i, event) for i, event in enumerate(events)]
+            for event in events:
+                event.wait(timeout=300)
+            firsts.append(pool.submit(ask, client, 16, 99).result()[0])
+            for other in others:
+                other.result()
+    return statistics.median(firsts)
+
+
+def serve_under_load(source: str, label: str, args) -> None:
+    # every client here is 127.0.0.1: the per-client limit (8) would refuse the 9th of 16
+    app_args = ["--model", source, "--max-per-client", "64", *args.app_flags]
+    with running_app(ROOT / "app.py", *app_args, env=app_env()) as app:
+        client = Client(app.url, verbose=False)
+        ask(client, 8, 0)  # first-call set-up, not timed
+        rows = {n: load(client, n, args.new_tokens) for n in CLIENTS}
+        arriving = first_token_while_streaming(client, 8, 4 * args.new_tokens)
+    solo_aggregate, solo_client, _ = rows[1]
+    print(f"\n{label}: app.py {' '.join(app_args[2:])} ({args.new_tokens} new tokens per client)")
+    print("| clients | aggregate tok/s | x one client | per client tok/s (median) | of one alone | first token s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n, (aggregate, per_client, first) in rows.items():
+        print(f"| {n} | {aggregate:.1f} | {aggregate / solo_aggregate:.2f}x | {per_client:.1f} | "
+              f"{per_client / solo_client:.0%} | {first:.2f} |")  # fmt: skip
+    aggregate8, per_client8, _ = rows[8]
+    print(f"8 clients: {aggregate8 / solo_aggregate:.2f}x one client (goal >= 4x), each "
+          f"{per_client8 / solo_client:.0%} of one alone (goal >= 45%)")  # fmt: skip
+    print(f"first token of a client arriving while 8 stream: {arriving:.2f} s (goal <= 0.5 s)")
+
+
+def invariance(source: str, label: str, new_tokens: int) -> None:
+    """How many of 8 seeded answers are identical alone and all 8 together, for each precision."""
+    tokenizer = load_tokenizer()
+    prompts = ["ROMEO:", "First Citizen:", "To be or not", "JULIET:\nO", "KING", "Now is the winter", "A", "HAMLET:"]
+    requests = [(tokenizer.encode(p), new_tokens, SamplingParams(0.8, top_k=50, seed=i)) for i, p in enumerate(prompts)]
+    print(f"\n{label}: seeded answers identical alone and in a batch of 8 ({new_tokens} tokens each)")
+    for name, options in PRECISIONS.items():
+        with Scheduler(load_for_inference(source, device="cpu", **options), max_batch=8) as scheduler:
+            alone = [list(scheduler.generate(*request)) for request in requests]
+            streams = [scheduler.generate(*request) for request in requests]
+            together = [list(stream) for stream in streams]
+        same = sum(a == b for a, b in zip(alone, together, strict=True))
+        print(f"  {name}: {same} of {len(requests)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["random", "assets"], help="random, assets or a source")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--skip-invariance", action="store_true")
+    parser.add_argument("app_flags", nargs="*", help="passed to app.py after --, e.g. -- --max-batch 4")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            if name == "random":
+                torch.manual_seed(0)
+                source, label = str(GPT(GPTConfig()).save_pretrained(Path(tmp) / "gpt2")), "GPT-2 124M (random)"
+            else:
+                source = str(ROOT / "assets") if name == "assets" else name
+                label = name
+            serve_under_load(source, label, args)
+            if not args.skip_invariance:
+                invariance(source, label, args.new_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Batched decoding (model.sampling.Batch, serve.Scheduler): rows are independent (a seeded request gives
+the same tokens alone and beside others), join and leave between steps, prefill in chunks, and the
+scheduler frees the row of a request nobody reads."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, SamplingParams, generate
+from model import sampling as sampling_module
+from model.sampling import Batch
+from serve import Scheduler
+from serve.inference import int8_supported, quantize_int8
+from tests.conftest import perturb
+from tests.test_generate import make_varied
+
+pytestmark = pytest.mark.skipif(not int8_supported(), reason="the batch-invariant CPU path is int8")
+
+# (prompt, max_new_tokens, settings) of requests that differ in every way a visitor can make them differ
+REQUESTS = [
+    (list(range(300, 303)), 40, SamplingParams(0.0, seed=1)),
+    (list(range(500, 590)), 25, SamplingParams(0.9, top_k=40, seed=2)),  # longer than one prefill chunk
+    ([50256], 60, SamplingParams(1.2, top_p=0.9, seed=3)),  # crosses the 64-token context
+    (list(range(700, 710)), 12, SamplingParams(0.7, seed=4)),
+    (list(range(40, 61)), 33, SamplingParams(1.0, top_k=5, top_p=0.8, seed=5)),
+    ([11, 12], 50, SamplingParams(0.0, seed=6)),
+    (list(range(900, 1000)), 8, SamplingParams(1.5, seed=7)),  # longer than the context: cropped
+    ([464, 3290, 373], 45, SamplingParams(0.8, top_k=50, seed=8)),
+]
+
+
+@pytest.fixture(scope="module")
+def int8_model():
+    """A tiny GPT-2 (64-token context) served as the app serves on a CPU: int8 Linear layers."""
+    torch.manual_seed(0)
+    return quantize_int8(make_varied(perturb(GPT(GPTConfig.from_preset("tiny")))))
+
+
+@pytest.fixture(scope="module")
+def alone(int8_model):
+    """Each request's tokens when it runs alone (generate(), a batch of one)."""
+    return [list(generate(int8_model, prompt, n, params=params)) for prompt, n, params in REQUESTS]
+
+
+def run_together(scheduler: Scheduler, indices: list[int], stagger: float = 0.0) -> dict[int, list[int]]:
+    """The tokens of REQUESTS[i] for each i, all submitted to the scheduler at once (or stagger s apart)
+    and read on their own threads, as the app's workers read them."""
+    results: dict[int, list[int]] = {}
+
+    def read(i: int) -> None:
+        prompt, n, params = REQUESTS[i]
+        results[i] = list(scheduler.generate(prompt, n, params))
+
+    threads = []
+    for i in indices:
+        threads.append(threading.Thread(target=read, args=(i,)))
+        threads[-1].start()
+        time.sleep(stagger)
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+@pytest.mark.parametrize("others", [1, 3, 7])
+def test_a_seeded_request_gives_the_same_tokens_alone_and_beside_others(int8_model, alone, others):
+    """Request 0 (greedy) and request 7 (sampled) beside `others` requests of other lengths and settings,
+    some joining while it runs: every request's tokens equal its solo run, bit for bit."""
+    with Scheduler(int8_model, max_batch=8) as scheduler:
+        for subject in (0, 7):
+            indices = [subject] + [i for i in range(len(REQUESTS)) if i != subject][:others]
+            together = run_together(scheduler, indices, stagger=0.01)
+            assert {i: together[i] for i in indices} == {i: alone[i] for i in indices}
+
+
+def test_generate_and_the_scheduler_agree_with_fewer_rows_than_requests(int8_model, alone):
+    """Eight requests through two rows: six wait, join as rows free up, and still match their solo runs."""
+    with Scheduler(int8_model, max_batch=2) as scheduler:
+        assert run_together(scheduler, list(range(len(REQUESTS)))) == dict(enumerate(alone))
+
+
+def test_rows_logits_are_bit_identical_to_a_batch_of_one(int8_model):
+    """next_token_logits for rows at their own positions and cache slots equals each row run alone: the
+    kernels and the attention never mix rows (a batch-wide int8 input range would move them ~1e-2)."""
+    prompts = [torch.randint(0, 50257, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 17, 40)]
+    batch_cache, solo_logits = int8_model.new_kv_cache(4), []
+    with torch.inference_mode():
+        for slot, prompt in zip((3, 0, 2), prompts, strict=True):
+            solo_cache = int8_model.new_kv_cache(1)
+            int8_model.next_token_logits(prompt[None, :-1], solo_cache, 0)
+            solo_logits.append(int8_model.next_token_logits(prompt[None, -1:], solo_cache, len(prompt) - 1)[0])
+            int8_model.next_token_logits(prompt[None, :-1], batch_cache, 0, [slot])
+        last = torch.stack([prompt[-1:] for prompt in prompts])
+        positions = [len(prompt) - 1 for prompt in prompts]
+        together = int8_model.next_token_logits(last, batch_cache, positions, [3, 0, 2])
+    for row, logits in enumerate(solo_logits):
+        assert torch.equal(together[row], logits)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(int8_model, monkeypatch):
+    """While a prompt of three chunks is prefilled, a running row gets a token at every step; the prompt's
+    first token comes with its last chunk."""
+    monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 8)
+    batch = Batch(int8_model, 2)
+    running = batch.add([1, 2, 3], 50, SamplingParams(0.0, seed=0))
+    assert [row for row, _ in batch.next_tokens()] == [running]  # a short prompt: prefilled and sampled at once
+    batch.advance()
+    joining = batch.add(list(range(100, 120)), 5, SamplingParams(0.0, seed=0))
+    steps = []
+    for _ in range(4):
+        steps.append([row for row, _ in batch.next_tokens()])
+        batch.advance()
+    assert steps == [[running], [running], [running, joining], [running, joining]]
+    assert (joining.position, running.position) == (20 + 2, 3 + 5)  # prompt + each token sampled, run after
+
+
+def test_finished_and_removed_rows_free_their_slots(int8_model):
+    batch = Batch(int8_model, 2)
+    first = batch.add([5], 1, SamplingParams(0.0, seed=0))
+    second = batch.add([6], 10, SamplingParams(0.0, seed=0))
+    assert batch.full
+    with pytest.raises(RuntimeError, match="full"):
+        batch.add([7], 1, SamplingParams(0.0, seed=0))
+    while not first.done:
+        batch.next_tokens()
+        batch.advance()
+    assert first.new_tokens == 1 and len(batch) == 1 and not batch.full
+    batch.remove(second)
+    assert len(batch) == 0 and second.done
+    third = batch.add([7], 1, SamplingParams(0.0, seed=0))
+    assert third.slot == 0
+
+
+def test_a_closed_stream_leaves_at_the_next_step(int8_model, monkeypatch):
+    """Closing a request's tokens (its reader went away) takes its row out: no step runs for it after."""
+    with Scheduler(int8_model, max_batch=4) as scheduler:
+        stream = scheduler.generate([1, 2, 3], 10_000, SamplingParams(0.0, seed=0))
+        next(stream)
+        assert scheduler.running == 1
+        stream.close()
+        deadline = time.monotonic() + 10
+        while scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.running == 0
+        with pytest.raises(StopIteration):
+            next(stream)
+        # and the scheduler is idle, not stepping an empty batch
+        steps = []
+        monkeypatch.setattr(Batch, "next_tokens", lambda self: steps.append(1) or [])
+        time.sleep(0.2)
+        assert steps == []
+
+
+def test_requests_beyond_the_batch_wait_in_order(int8_model):
+    with Scheduler(int8_model, max_batch=1) as scheduler:
+        first = scheduler.generate([1], 10_000, SamplingParams(0.0, seed=0))
+        second = scheduler.generate([2], 3, SamplingParams(0.0, seed=0))
+        next(first)
+        assert (scheduler.running, scheduler.waiting) == (1, 1)
+        first.close()
+        assert len(list(second)) == 3
+
+
+def test_a_failed_step_ends_its_requests_with_an_error_and_serving_goes_on(int8_model, monkeypatch):
+    with Scheduler(int8_model, max_batch=2) as scheduler:
+        original = Batch.advance
+        monkeypatch.setattr(Batch, "advance", lambda self: (_ for _ in ()).throw(MemoryError("out of memory")))
+        with pytest.raises(RuntimeError, match="generation failed: out of memory"):
+            list(scheduler.generate([1, 2], 5, SamplingParams(0.0, seed=0)))
+        monkeypatch.setattr(Batch, "advance", original)
+        assert len(list(scheduler.generate([1, 2], 5, SamplingParams(0.0, seed=0)))) == 5
+
+
+def test_closing_the_scheduler_ends_what_waits(int8_model):
+    scheduler = Scheduler(int8_model, max_batch=1)
+    running = scheduler.generate([1], 10_000, SamplingParams(0.0, seed=0))
+    waiting = scheduler.generate([2], 5, SamplingParams(0.0, seed=0))
+    next(running)
+    scheduler.close()
+    for stream in (running, waiting):
+        with pytest.raises(RuntimeError, match="shutting down"):
+            list(stream)
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.generate([1], 1, SamplingParams(0.0, seed=0))
+
+
+@pytest.mark.parametrize("max_batch", [0, -1, 2.0, True])
+def test_max_batch_must_be_a_whole_number(int8_model, max_batch):
+    with pytest.raises(ValueError, match="max_batch"):
+        Scheduler(int8_model, max_batch)
+
+
+def test_prefill_chunk_is_what_the_step_runs(int8_model, monkeypatch):
+    """A prompt of n tokens takes ceil(n / PREFILL_CHUNK) forward passes before its first token."""
+    monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 4)
+    calls = []
+    original = int8_model.next_token_logits
+    monkeypatch.setattr(int8_model, "next_token_logits", lambda idx, *a: calls.append(idx.shape) or original(idx, *a))
+    assert len(list(generate(int8_model, list(range(10)), 1, temperature=0))) == 1
+    assert calls == [(1, 4), (1, 4), (1, 2)]
