@@ -154,10 +154,17 @@ def main(argv: list[str] | None = None) -> None:
         "serving %s: %s parameters, %s on %s (%d threads), up to %d generations per step",
         args.model, f"{facts.parameters:,}", facts.precision, model.device, threads, args.max_batch,
     )  # fmt: skip
-    demo = build(serve.Scheduler(model, args.max_batch), facts, args.update_seconds)
+    scheduler = serve.Scheduler(model, args.max_batch)
+    demo = build(scheduler, facts, args.update_seconds)
     guard = Middleware(guards.PerClientLimit, blocks=demo, limit=args.max_per_client)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                app_kwargs={"middleware": [guard]})  # fmt: skip
+                app_kwargs={"middleware": [guard]}, prevent_thread_lock=True)  # fmt: skip
+    try:
+        scheduler.run()  # decoding on the thread that loaded the model: torch runs slower from another
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from model.sampling import Batch, Row
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 8  # rows decoded together: on 2 CPU cores, 8 rows give ~4.5x the tokens/s of one (int8 GPT-2 124M)
+MAX_BATCH = 16  # rows decoded together: a visitor arriving while 8 others stream joins at the next step
 _END = object()
 
 
@@ -55,10 +55,15 @@ class TokenStream(Iterator[int]):
 
 
 class Scheduler:
-    """Runs every request's generation as a row of one Batch, on a thread of its own, max_batch rows at a
-    time; requests beyond that wait in arrival order. generate() is a drop-in for model.generate: the
-    same tokens for the same seed (bit-identical where the model's kernels are batch-invariant, as the
-    CPU int8 path is), whatever else runs."""
+    """Runs every request's generation as a row of one Batch, max_batch rows at a time; requests beyond
+    that wait in arrival order. generate() is a drop-in for model.generate: the same tokens for the same
+    seed (bit-identical where the model's kernels are batch-invariant, as the CPU int8 path is),
+    whatever else runs. The decoding runs in run(), on the thread that calls it, until close(); start()
+    or `with Scheduler(...)` runs it on a thread of its own.
+
+    Run it on the thread that loaded the model where you can (app.py runs it on its main thread): on
+    the CPU, torch's parallel kernels ran ~30% slower from another thread than from the one that first
+    used them (GPT-2 124M int8, 2 cores: 75-80 instead of 110 tokens/s)."""
 
     def __init__(self, model: GPT, max_batch: int = MAX_BATCH) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -70,8 +75,7 @@ class Scheduler:
         self._waiting: deque[TokenStream] = deque()
         self._changed = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="batched-decoding", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> TokenStream:
         """Queue a request (token ids checked by the caller, at least one new token) and return its tokens."""
@@ -99,15 +103,22 @@ class Scheduler:
         with self._changed:
             self._changed.notify()
 
+    def start(self) -> Scheduler:
+        """Run the decoding on a thread of its own."""
+        self._thread = threading.Thread(target=self.run, name="batched-decoding", daemon=True)
+        self._thread.start()
+        return self
+
     def close(self) -> None:
-        """Stop the decoding thread; requests still running end with an error."""
+        """Stop the decoding (run() returns); requests still running or waiting end with an error."""
         with self._changed:
             self._stopped = True
             self._changed.notify()
-        self._thread.join()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def __enter__(self) -> Scheduler:
-        return self
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -132,7 +143,9 @@ class Scheduler:
         stream = self._streams.pop(row)
         stream.put(_END if last is None else last)
 
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """Decode until close(): every step, admit waiting requests, sample a token for every row and
+        run the new tokens through the model in one call."""
         while self._admit():
             try:
                 for row, token in self._batch.next_tokens():

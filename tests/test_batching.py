@@ -173,7 +173,7 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_serving_goes_on(int8_
 
 
 def test_closing_the_scheduler_ends_what_waits(int8_model):
-    scheduler = Scheduler(int8_model, max_batch=1)
+    scheduler = Scheduler(int8_model, max_batch=1).start()
     running = scheduler.generate([1], 10_000, SamplingParams(0.0, seed=0))
     waiting = scheduler.generate([2], 5, SamplingParams(0.0, seed=0))
     next(running)
