@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,26 @@ class KVCache:
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
 
 
+class CacheRows(NamedTuple):
+    """Where each row of a cached call lives: its cache slot and the position of its first new token;
+    for one new token per row, the (slots, positions) index that writes them all at once."""
+
+    slots: list[int]
+    starts: list[int]
+    new_at: tuple[torch.Tensor, slice, torch.Tensor] | None
+
+    @classmethod
+    def of(cls, slots: list[int], starts: list[int], T: int, device) -> CacheRows:
+        if T != 1:
+            return cls(slots, starts, None)
+        return cls(
+            slots, starts, (torch.tensor(slots, device=device), slice(None), torch.tensor(starts, device=device))
+        )
+
+    def __iter__(self):
+        return iter(zip(self.slots, self.starts, strict=True))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -34,36 +55,37 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, where=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rows: CacheRows | None = None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is None:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:  # row by row, each in its own cache slot at its own position: a row's result never depends on others
-            rows = [
-                self._attend_cached(q[b : b + 1], k[b : b + 1], v[b : b + 1], cache, layer, *where[b]) for b in range(B)
-            ]
-            y = torch.cat(rows) if B > 1 else rows[0]
+            keys, values = cache.keys[layer], cache.values[layer]
+            if rows.new_at is not None:  # one new position per row: all written in one indexed copy
+                keys[rows.new_at] = k[:, :, 0]
+                values[rows.new_at] = v[:, :, 0]
+            else:
+                for b, (slot, start) in enumerate(zip(rows.slots, rows.starts, strict=True)):
+                    keys[slot, :, start : start + T] = k[b]
+                    values[slot, :, start : start + T] = v[b]
+            y = [self._attend(q[b : b + 1], keys, values, slot, start) for b, (slot, start) in enumerate(rows)]
+            y = torch.cat(y) if B > 1 else y[0]
         y = y.transpose(1, 2).reshape(B, T, C)
         y = self.c_proj(y)
         return F.dropout(y, self.dropout) if self.training else y
 
     @staticmethod
-    def _attend_cached(q, k, v, cache: KVCache, layer: int, slot: int, start: int) -> torch.Tensor:
-        """Attention of one row's T new positions start .. start + T - 1, whose keys and values are written
-        into cache slot `slot`, over every position of that slot up to the last new one."""
+    def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """Attention of one row's T queries at positions start .. start + T - 1 over its cache slot."""
         T = q.shape[2]
-        keys, values = cache.keys[layer][slot : slot + 1], cache.values[layer][slot : slot + 1]
-        keys[:, :, start : start + T] = k
-        values[:, :, start : start + T] = v
         mask, is_causal = None, T > 1
         if start and T > 1:  # a chunk after cached positions: each query sees its own prefix
             mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
             is_causal = False
-        return F.scaled_dot_product_attention(
-            q, keys[:, :, : start + T], values[:, :, : start + T], attn_mask=mask, is_causal=is_causal
-        )
+        seen = slice(slot, slot + 1), slice(None), slice(0, start + T)
+        return F.scaled_dot_product_attention(q, keys[seen], values[seen], attn_mask=mask, is_causal=is_causal)
 
 
 class MLP(nn.Module):
@@ -86,8 +108,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, where=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, where)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rows: CacheRows | None = None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -152,9 +174,13 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + positions
         if self.training:
             x = self.transformer.drop(x)
-        where = list(zip(range(B) if slots is None else slots, starts, strict=True)) if cache is not None else None
+        rows = (
+            CacheRows.of(list(range(B)) if slots is None else list(slots), starts, T, idx.device)
+            if cache is not None
+            else None
+        )
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, where)
+            x = block(x, cache, layer, rows)
         return self.transformer.ln_f(x)
 
     def forward(
