@@ -3,8 +3,8 @@
     python bench/serve_load.py [--models random assets] [--new-tokens 64] [-- app flags]
 
 For each model (`random`: GPT-2 124M with GPT-2's random initialisation, seed 0; `assets`: the model
-shipped in assets/; or any --model source) it launches `python app.py` (its defaults: int8 on the CPU,
---max-batch 8) and prints, through gradio_client as visitors call it:
+shipped in assets/; or any source) it launches `python app.py` (its defaults: int8 on the CPU,
+--max-batch 16) and prints, as clients of its HTTP API see it (the times are when the streamed bytes arrive):
 - tokens/s for N clients asking at once: the aggregate, and each client's own (median), and their
   ratios to one client alone;
 - the time to the first token of a client arriving while 8 others stream.
@@ -16,6 +16,7 @@ Goals (issue 12): 8 clients >= 4x one client's aggregate, each >= 45% of one alo
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import threading
@@ -25,8 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import httpx  # noqa: E402
 import torch  # noqa: E402
-from gradio_client import Client  # noqa: E402
 
 from model import GPT, GPTConfig, SamplingParams, load_tokenizer  # noqa: E402
 from serve import Scheduler, load_for_inference  # noqa: E402
@@ -38,39 +39,48 @@ PRECISIONS = {"fp32": dict(dtype="float32", quantize="none"), "bf16": dict(dtype
               "int8": dict(dtype="float32", quantize="int8")}  # fmt: skip
 
 
-def ask(client: Client, new_tokens: int, seed: int, started: threading.Event | None = None) -> tuple[float, float, int]:
-    """(seconds to the first streamed token, seconds to the end, tokens received) of one visitor."""
-    start, first = time.perf_counter(), None
-    job = client.submit(PROMPT, new_tokens, 0.8, 50, 1.0, seed, api_name="/generate")
-    for text in job:
-        if first is None and len(text) > len(PROMPT):
-            first = time.perf_counter() - start
-            if started is not None:
-                started.set()
-    total = time.perf_counter() - start
-    return first or total, total, len(load_tokenizer().encode(job.result()[len(PROMPT) :]))
+def ask(url: str, new_tokens: int, seed: int, started: threading.Event | None = None) -> tuple[float, float, int]:
+    """(seconds to the first streamed token, seconds to the end, tokens received) of one visitor calling the
+    HTTP API (/gradio_api/call/generate, server-sent events): the times are when the bytes arrive."""
+    endpoint = f"{url}/gradio_api/call/generate"
+    start, first, text, event = time.perf_counter(), None, PROMPT, None
+    body = {"data": [PROMPT, new_tokens, 0.8, 50, 1.0, seed]}
+    event_id = httpx.post(endpoint, json=body, timeout=60).raise_for_status().json()["event_id"]
+    with httpx.stream("GET", f"{endpoint}/{event_id}", timeout=600) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event in ("generating", "complete"):
+                text = json.loads(line.removeprefix("data: "))[0]
+                if first is None and len(text) > len(PROMPT):
+                    first = time.perf_counter() - start
+                    if started is not None:
+                        started.set()
+    if event != "complete":
+        raise RuntimeError(f"the app answered {event!r}: {text!r}")
+    return first, time.perf_counter() - start, len(load_tokenizer().encode(text[len(PROMPT) :]))
 
 
-def load(client: Client, clients: int, new_tokens: int) -> tuple[float, float, float]:
+def load(url: str, clients: int, new_tokens: int) -> tuple[float, float, float]:
     """(aggregate tokens/s, median tokens/s of one client from its request to its end, median first token s)."""
     with ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
-        runs = list(pool.map(lambda seed: ask(client, new_tokens, seed), range(clients)))
+        runs = list(pool.map(lambda seed: ask(url, new_tokens, seed), range(clients)))
         wall = time.perf_counter() - start
     aggregate = sum(tokens for _, _, tokens in runs) / wall
     return aggregate, statistics.median(t / total for _, total, t in runs), statistics.median(f for f, _, _ in runs)
 
 
-def first_token_while_streaming(client: Client, streaming: int, new_tokens: int, tries: int = 3) -> float:
+def first_token_while_streaming(url: str, streaming: int, new_tokens: int, tries: int = 3) -> float:
     """Median seconds to the first token of a visitor arriving once `streaming` others all stream."""
     firsts = []
     for attempt in range(tries):
         events = [threading.Event() for _ in range(streaming)]
         with ThreadPoolExecutor(streaming + 1) as pool:
-            others = [pool.submit(ask, client, new_tokens, 100 * attempt + i, event) for i, event in enumerate(events)]
+            others = [pool.submit(ask, url, new_tokens, 100 * attempt + i, event) for i, event in enumerate(events)]
             for event in events:
                 event.wait(timeout=300)
-            firsts.append(pool.submit(ask, client, 16, 99).result()[0])
+            firsts.append(pool.submit(ask, url, 16, 99).result()[0])
             for other in others:
                 other.result()
     return statistics.median(firsts)
@@ -80,10 +90,10 @@ def serve_under_load(source: str, label: str, args) -> None:
     # every client here is 127.0.0.1: the per-client limit (8) would refuse the 9th of 16
     app_args = ["--model", source, "--max-per-client", "64", *args.app_flags]
     with running_app(ROOT / "app.py", *app_args, env=app_env()) as app:
-        client = Client(app.url, verbose=False)
-        ask(client, 8, 0)  # first-call set-up, not timed
-        rows = {n: load(client, n, args.new_tokens) for n in CLIENTS}
-        arriving = first_token_while_streaming(client, 8, 4 * args.new_tokens)
+        ask(app.url, 8, 0)  # first-call set-up, not timed
+        load(app.url, 8, 8)
+        rows = {n: load(app.url, n, args.new_tokens) for n in CLIENTS}
+        arriving = first_token_while_streaming(app.url, 8, 4 * args.new_tokens)
     solo_aggregate, solo_client, _ = rows[1]
     print(f"\n{label}: app.py {' '.join(app_args[2:])} ({args.new_tokens} new tokens per client)")
     print("| clients | aggregate tok/s | x one client | per client tok/s (median) | of one alone | first token s |")
@@ -115,7 +125,7 @@ def invariance(source: str, label: str, new_tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["random", "assets"], help="random, assets or a source")
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-invariance", action="store_true")
     parser.add_argument("app_flags", nargs="*", help="passed to app.py after --, e.g. -- --max-batch 4")
     args = parser.parse_args()
