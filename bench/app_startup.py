@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +73,8 @@ def main() -> None:
 
     model = serve.load_for_inference(args.model)
     serve.warm_up(model)
-    # in a worker thread, as Gradio runs the app's generator: torch's CPU threading differs from the main thread's
-    with ThreadPoolExecutor(1) as pool:
-        direct = list(pool.map(lambda seed: in_process(model, args.max_new_tokens, seed), range(1, args.runs + 1)))
+    # on the main thread, where the app decodes too (its scheduler runs there)
+    direct = [in_process(model, args.max_new_tokens, seed) for seed in range(1, args.runs + 1)]
 
     app_first = statistics.median(first for first, _, _ in runs)
     app_rate = statistics.median(tokens / (total - first) for first, total, tokens in runs if total > first)

@@ -29,7 +29,7 @@ class KVCache:
 
 class CacheRows(NamedTuple):
     """Where each row of a cached call lives: its cache slot and the position of its first new token;
-    for one new token per row, the (slots, positions) index that writes them all at once."""
+    for one new token in each of several rows, the (slots, positions) index that writes them all at once."""
 
     slots: list[int]
     starts: list[int]
@@ -37,7 +37,7 @@ class CacheRows(NamedTuple):
 
     @classmethod
     def of(cls, slots: list[int], starts: list[int], T: int, device) -> CacheRows:
-        if T != 1:
+        if T != 1 or len(slots) == 1:  # a slice copy is cheaper for one row
             return cls(slots, starts, None)
         return cls(
             slots, starts, (torch.tensor(slots, device=device), slice(None), torch.tensor(starts, device=device))

@@ -159,7 +159,7 @@ def _sample(model: GPT, tokens: list[int], max_new_tokens: int, params: Sampling
         model.train(was_training)
 
 
-PREFILL_CHUNK = 64  # prompt tokens prefilled per step: a long prompt holds up the rows decoding beside it briefly
+PREFILL_CHUNK = 128  # prompt tokens prefilled per step: a long prompt holds up the rows decoding beside it briefly
 
 
 @dataclass(eq=False)

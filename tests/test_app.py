@@ -261,13 +261,34 @@ def test_flags_reach_load_for_inference(monkeypatch):
 
 
 def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tiny_folder):
+    """The default CPU path (int8) serves generate()'s greedy text; with --max-batch 4 a seeded request
+    gives the same text alone and while 3 others of other lengths and settings run beside it."""
     served = load_for_inference(tiny_folder, device="cpu")
-    with running_app("--model", str(tiny_folder)) as default_app:
+    with running_app("--model", str(tiny_folder), "--max-batch", "4", "--update-seconds", "0") as default_app:
         default_url = default_app.url
         client = Client(default_url, verbose=False)
         assert greedy(client, max_new_tokens=30) == expected(served, "ROMEO:", 30, temperature=0)
         panel = httpx.get(f"{default_url}/config", timeout=30).text
+        subject = ("To be or not", 60, 0.9, 40, 0.95, 1234)
+        others = [("ROMEO:", 50, 1.2, 0, 1.0, 1), ("JULIET: " * 30, 40, 0.0, 0, 1.0, 2), ("A", 64, 0.7, 5, 0.8, 3)]
+        alone = client.predict(*subject, api_name="/generate")
+        with ThreadPoolExecutor(4) as pool:
+            jobs = [pool.submit(client.predict, *request, api_name="/generate") for request in [*others, subject]]
+            together = [job.result() for job in jobs]
+        log = default_app.log.read_text()
     assert precision_of(served) == "float32+int8" and "float32+int8" in panel
+    assert together[-1] == alone == expected(served, subject[0], 60, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    assert "up to 4 generations per step" in log
+
+
+@pytest.mark.parametrize("flag", ["--max-batch", "--max-per-client"])
+@pytest.mark.parametrize("value", ["0", "-2", "1.5", "many"])
+def test_counts_must_be_whole_numbers_of_at_least_one(flag, value, capsys):
+    import app
+
+    with pytest.raises(SystemExit):
+        app.parse_args([flag, value])
+    assert f"argument {flag}: must be a whole number >= 1, got {value!r}" in capsys.readouterr().err
 
 
 def test_one_client_cannot_fill_the_queue_and_unread_work_stops(tmp_path):
