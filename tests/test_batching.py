@@ -102,7 +102,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(int8_model, mo
     """While a prompt of three chunks is prefilled, a running row gets a token at every step; the prompt's
     first token comes with its last chunk."""
     monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 8)
-    batch = Batch(int8_model, 2)
+    batch = Batch(int8_model, 4)
     running = batch.add([1, 2, 3], 50, SamplingParams(0.0, seed=0))
     assert [row for row, _ in batch.next_tokens()] == [running]  # a short prompt: prefilled and sampled at once
     batch.advance()
@@ -113,6 +113,14 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(int8_model, mo
         batch.advance()
     assert steps == [[running], [running], [running, joining], [running, joining]]
     assert (joining.position, running.position) == (20 + 2, 3 + 5)  # prompt + each token sampled, run after
+    # two long prompts: the older is prefilled first, then the newer
+    older = batch.add(list(range(200, 217)), 5, SamplingParams(0.0, seed=0))  # three chunks of 8, 8, 1
+    newer = batch.add(list(range(300, 309)), 5, SamplingParams(0.0, seed=0))  # two chunks
+    firsts = []
+    for _ in range(5):
+        firsts += [row for row, _ in batch.next_tokens() if row in (older, newer) and row.new_tokens == 1]
+        batch.advance()
+    assert firsts == [older, newer]
 
 
 def test_finished_and_removed_rows_free_their_slots(int8_model):
@@ -132,20 +140,31 @@ def test_finished_and_removed_rows_free_their_slots(int8_model):
     assert third.slot == 0
 
 
+def slow_steps(monkeypatch, seconds: float = 0.02) -> None:
+    """Make every decoding step take at least `seconds`, so a request of 200 tokens runs for seconds."""
+    original = Batch.advance
+    monkeypatch.setattr(Batch, "advance", lambda self: (time.sleep(seconds), original(self)))
+
+
+def wait_until(condition, seconds: float = 1.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
 def test_a_closed_stream_leaves_at_the_next_step(int8_model, monkeypatch):
-    """Closing a request's tokens (its reader went away) takes its row out: no step runs for it after."""
+    """Closing a request's tokens (its reader went away) takes its row out within a step or two, long
+    before its 200 tokens would have ended; then the scheduler is idle, not stepping an empty batch."""
+    slow_steps(monkeypatch)
     with Scheduler(int8_model, max_batch=4) as scheduler:
-        stream = scheduler.generate([1, 2, 3], 10_000, SamplingParams(0.0, seed=0))
+        stream = scheduler.generate([1, 2, 3], 200, SamplingParams(0.0, seed=0))
         next(stream)
         assert scheduler.running == 1
         stream.close()
-        deadline = time.monotonic() + 10
-        while scheduler.running and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert scheduler.running == 0
+        assert wait_until(lambda: scheduler.running == 0, seconds=0.5)
         with pytest.raises(StopIteration):
             next(stream)
-        # and the scheduler is idle, not stepping an empty batch
         steps = []
         monkeypatch.setattr(Batch, "next_tokens", lambda self: steps.append(1) or [])
         time.sleep(0.2)

@@ -1,6 +1,7 @@
 """serve/requests.py: request checks, the streamed completion and its figures, the model's facts."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -111,3 +112,21 @@ def test_model_facts_read_the_card_and_the_curve(tiny, tmp_path):
 def test_a_broken_model_card_leaves_the_losses_unrecorded(tiny, tmp_path):
     tiny.save_pretrained(tmp_path, model_card="---\ntraining_metrics: [unclosed\n---\n")
     assert "not recorded" in dict(ModelFacts.of(tiny, tmp_path).rows())["held-out loss"]
+
+
+def test_closing_the_completion_frees_its_row(tiny, monkeypatch):
+    """A reader that stops reading (Gradio closes the generator on Stop or a disconnect) takes its request
+    out of the batch at once, not when its tokens would have run out."""
+    from model.sampling import Batch
+
+    original = Batch.advance
+    monkeypatch.setattr(Batch, "advance", lambda self: (time.sleep(0.05), original(self)))  # 64 tokens: 3 s
+    with Scheduler(tiny) as scheduler:
+        completion = stream_completion(scheduler, request(tiny, max_new_tokens=64), update_seconds=0)
+        next(completion), next(completion)  # the prompt, then the first token
+        assert scheduler.running == 1
+        completion.close()
+        deadline = time.monotonic() + 0.5
+        while scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert scheduler.running == 0
