@@ -78,8 +78,10 @@ def first_token_while_streaming(url: str, streaming: int, new_tokens: int, tries
         events = [threading.Event() for _ in range(streaming)]
         with ThreadPoolExecutor(streaming + 1) as pool:
             others = [pool.submit(ask, url, new_tokens, 100 * attempt + i, event) for i, event in enumerate(events)]
-            for event in events:
-                event.wait(timeout=300)
+            for event, other in zip(events, others, strict=True):
+                while not event.wait(timeout=0.1):
+                    if other.done():
+                        other.result()  # a request that failed raises here instead of being waited for
             firsts.append(pool.submit(ask, url, 16, 99).result()[0])
             for other in others:
                 other.result()
@@ -87,6 +89,7 @@ def first_token_while_streaming(url: str, streaming: int, new_tokens: int, tries
 
 
 def serve_under_load(source: str, label: str, args) -> None:
+    context = GPT.from_pretrained(source).config.block_size  # the most tokens a request may ask for
     # every client here is 127.0.0.1: the per-client limit (8) would refuse the 9th of 16
     app_args = ["--model", source, "--max-per-client", "64", *args.app_flags]
     with running_app(ROOT / "app.py", *app_args, env=app_env()) as app:
@@ -95,7 +98,7 @@ def serve_under_load(source: str, label: str, args) -> None:
         runs = [{n: load(app.url, n, args.new_tokens) for n in CLIENTS} for _ in range(args.repeats)]
         # each figure the median over the sweeps: other work on a small machine moves single runs by 20%
         rows = {n: tuple(statistics.median(run[n][i] for run in runs) for i in range(3)) for n in CLIENTS}
-        arriving = first_token_while_streaming(app.url, 8, 4 * args.new_tokens)
+        arriving = first_token_while_streaming(app.url, 8, min(4 * args.new_tokens, context))
     solo_aggregate, solo_client, _ = rows[1]
     print(f"\n{label}: app.py {' '.join(app_args[2:])} ({args.new_tokens} new tokens per client, "
           f"medians of {args.repeats} sweeps)")  # fmt: skip
