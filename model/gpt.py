@@ -159,8 +159,8 @@ class GPT(nn.Module):
         written into cache slot slots[b] (default b) and its earlier positions are read from there."""
         B, T = idx.shape
         starts = [start] * B if isinstance(start, int) else [int(s) for s in start]
-        if len(starts) != B or (slots is not None and len(slots) != B):
-            raise ValueError(f"{B} rows need {B} start positions and cache slots")
+        if len(starts) != B or (slots is not None and len(slots) != B) or min(starts) < 0:
+            raise ValueError(f"{B} rows need {B} start positions (>= 0) and cache slots")
         if max(starts) + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {max(starts) + T} tokens is longer than the context ({self.config.block_size}); "

@@ -161,3 +161,15 @@ def test_presets():
     assert GPTConfig.from_preset("tiny", n_layer=3, n_head=None).n_layer == 3
     with pytest.raises(ValueError, match="unknown preset 'huge'.*cpu-small"):
         GPTConfig.from_preset("huge")
+
+
+def test_cached_rows_need_a_start_and_a_slot_each(tiny_model):
+    """Per-row positions and cache slots: one of each per row, positions >= 0, inside the context."""
+    cache, idx = tiny_model.new_kv_cache(3), torch.tensor([[1], [2]])
+    with torch.no_grad():
+        for starts, slots in (([0], [0, 1]), ([0, 1], [0]), ([-1, 0], [0, 1])):
+            with pytest.raises(ValueError, match="2 rows need 2 start positions"):
+                tiny_model.next_token_logits(idx, cache, starts, slots)
+        with pytest.raises(ValueError, match="longer than the context"):
+            tiny_model.next_token_logits(idx, cache, [0, tiny_model.config.block_size], [0, 2])
+        assert tiny_model.next_token_logits(idx, cache, [0, 5], [2, 0]).shape == (2, tiny_model.config.vocab_size)
