@@ -88,6 +88,22 @@ def test_updates_are_coalesced_but_the_first_token_is_shown_at_once(tiny, schedu
     assert rare[0][0] == every[0][0] and rare[1][0] == every[1][0] and rare[-1][0] == every[-1][0]
 
 
+def test_updates_thin_out_while_many_requests_run(tiny, scheduler, monkeypatch):
+    """All streams together update at most 40 times a second: with 400 requests running one stream shows
+    only the prompt, its first token (at once) and the end; alone it updates every 25 ms (steps of 10 ms)."""
+    from model.sampling import Batch
+
+    original = Batch.advance
+    monkeypatch.setattr(Batch, "advance", lambda self: (time.sleep(0.01), original(self)))
+    checked = request(tiny, max_new_tokens=15, temperature=0)
+    monkeypatch.setattr(Scheduler, "running", property(lambda self: 400))
+    busy = [stats.new_tokens for _, stats in stream_completion(scheduler, checked, update_seconds=0.001)]
+    assert busy == [0, 1, 15]
+    monkeypatch.setattr(Scheduler, "running", property(lambda self: 1))
+    alone = [stats.new_tokens for _, stats in stream_completion(scheduler, checked, update_seconds=0.001)]
+    assert 4 <= len(alone) <= 10  # ~150 ms of tokens, an update every 25 ms
+
+
 def test_crop_is_noted_in_the_summary(tiny, scheduler):
     checked = request(tiny, prompt="ROMEO: " * 100, max_new_tokens=2)
     *_, (_, stats) = stream_completion(scheduler, checked)
