@@ -28,23 +28,18 @@ class KVCache:
 
 
 class CacheRows(NamedTuple):
-    """Where each row of a cached call lives: its cache slot and the position of its first new token;
-    for one new token in each of several rows, the (slots, positions) index that writes them all at once."""
+    """Where each row of a cached call lives: (its cache slot, the position of its first new token); for
+    one new token in each of several rows, the (slots, positions) index that writes them all at once."""
 
-    slots: list[int]
-    starts: list[int]
+    pairs: list[tuple[int, int]]
     new_at: tuple[torch.Tensor, slice, torch.Tensor] | None
 
     @classmethod
     def of(cls, slots: list[int], starts: list[int], T: int, device) -> CacheRows:
+        pairs = list(zip(slots, starts, strict=True))
         if T != 1 or len(slots) == 1:  # a slice copy is cheaper for one row
-            return cls(slots, starts, None)
-        return cls(
-            slots, starts, (torch.tensor(slots, device=device), slice(None), torch.tensor(starts, device=device))
-        )
-
-    def __iter__(self):
-        return iter(zip(self.slots, self.starts, strict=True))
+            return cls(pairs, None)
+        return cls(pairs, (torch.tensor(slots, device=device), slice(None), torch.tensor(starts, device=device)))
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,15 +57,15 @@ class CausalSelfAttention(nn.Module):
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:  # row by row, each in its own cache slot at its own position: a row's result never depends on others
-            keys, values = cache.keys[layer], cache.values[layer]
+            keys, values, pairs = cache.keys[layer], cache.values[layer], rows.pairs
             if rows.new_at is not None:  # one new position per row: all written in one indexed copy
                 keys[rows.new_at] = k[:, :, 0]
                 values[rows.new_at] = v[:, :, 0]
             else:
-                for b, (slot, start) in enumerate(zip(rows.slots, rows.starts, strict=True)):
+                for b, (slot, start) in enumerate(pairs):
                     keys[slot, :, start : start + T] = k[b]
                     values[slot, :, start : start + T] = v[b]
-            y = [self._attend(q[b : b + 1], keys, values, slot, start) for b, (slot, start) in enumerate(rows)]
+            y = [self._attend(q[b : b + 1], keys, values, slot, start) for b, (slot, start) in enumerate(pairs)]
             y = torch.cat(y) if B > 1 else y[0]
         y = y.transpose(1, 2).reshape(B, T, C)
         y = self.c_proj(y)
