@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,23 @@ DATA = SHARED / "data" / "input.txt"
 # The models under test are tiny: one thread avoids spin-waiting against other work on a 2-core
 # machine (a training run beside the tests made them 50x slower with two threads).
 torch.set_num_threads(1)
+
+
+def slow_steps(monkeypatch, seconds: float) -> None:
+    """Make every batched decoding step take at least `seconds`, so that a request runs long enough to be
+    seen leaving early (a reader closing it) rather than running out of tokens."""
+    from model.sampling import Batch
+
+    original = Batch.advance
+    monkeypatch.setattr(Batch, "advance", lambda self: (time.sleep(seconds), original(self)))
+
+
+def wait_until(condition, seconds: float = 1.0) -> bool:
+    """Whether condition() holds within `seconds` (polled every 5 ms)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
 
 
 def perturb(module, seed: int = 0):

@@ -13,7 +13,7 @@ from model import sampling as sampling_module
 from model.sampling import Batch
 from serve import Scheduler
 from serve.inference import int8_supported, quantize_int8
-from tests.conftest import perturb
+from tests.conftest import perturb, slow_steps, wait_until
 from tests.test_generate import make_varied
 
 pytestmark = pytest.mark.skipif(not int8_supported(), reason="the batch-invariant CPU path is int8")
@@ -140,23 +140,10 @@ def test_finished_and_removed_rows_free_their_slots(int8_model):
     assert third.slot == 0
 
 
-def slow_steps(monkeypatch, seconds: float = 0.02) -> None:
-    """Make every decoding step take at least `seconds`, so a request of 200 tokens runs for seconds."""
-    original = Batch.advance
-    monkeypatch.setattr(Batch, "advance", lambda self: (time.sleep(seconds), original(self)))
-
-
-def wait_until(condition, seconds: float = 1.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return condition()
-
-
 def test_a_closed_stream_leaves_at_the_next_step(int8_model, monkeypatch):
     """Closing a request's tokens (its reader went away) takes its row out within a step or two, long
     before its 200 tokens would have ended; then the scheduler is idle, not stepping an empty batch."""
-    slow_steps(monkeypatch)
+    slow_steps(monkeypatch, 0.02)
     with Scheduler(int8_model, max_batch=4) as scheduler:
         stream = scheduler.generate([1, 2, 3], 200, SamplingParams(0.0, seed=0))
         next(stream)

@@ -1,13 +1,13 @@
 """serve/requests.py: request checks, the streamed completion and its figures, the model's facts."""
 
 import math
-import time
 
 import pytest
 import torch
 
 from model import GPT, GPTConfig, SamplingParams, generate, load_tokenizer, render_model_card, stream_text
 from serve import ModelFacts, RequestError, Scheduler, check_request, stream_completion
+from tests.conftest import slow_steps, wait_until
 
 SEED_MAX = SamplingParams.SEED_MAX
 
@@ -91,10 +91,7 @@ def test_updates_are_coalesced_but_the_first_token_is_shown_at_once(tiny, schedu
 def test_updates_thin_out_while_many_requests_run(tiny, scheduler, monkeypatch):
     """All streams together update at most 40 times a second: with 400 requests running one stream shows
     only the prompt, its first token (at once) and the end; alone it updates every 25 ms (steps of 10 ms)."""
-    from model.sampling import Batch
-
-    original = Batch.advance
-    monkeypatch.setattr(Batch, "advance", lambda self: (time.sleep(0.01), original(self)))
+    slow_steps(monkeypatch, 0.01)
     checked = request(tiny, max_new_tokens=15, temperature=0)
     monkeypatch.setattr(Scheduler, "running", property(lambda self: 400))
     busy = [stats.new_tokens for _, stats in stream_completion(scheduler, checked, update_seconds=0.001)]
@@ -133,16 +130,10 @@ def test_a_broken_model_card_leaves_the_losses_unrecorded(tiny, tmp_path):
 def test_closing_the_completion_frees_its_row(tiny, monkeypatch):
     """A reader that stops reading (Gradio closes the generator on Stop or a disconnect) takes its request
     out of the batch at once, not when its tokens would have run out."""
-    from model.sampling import Batch
-
-    original = Batch.advance
-    monkeypatch.setattr(Batch, "advance", lambda self: (time.sleep(0.05), original(self)))  # 64 tokens: 3 s
+    slow_steps(monkeypatch, 0.05)  # 64 tokens: 3 s
     with Scheduler(tiny) as scheduler:
         completion = stream_completion(scheduler, request(tiny, max_new_tokens=64), update_seconds=0)
         next(completion), next(completion)  # the prompt, then the first token
         assert scheduler.running == 1
         completion.close()
-        deadline = time.monotonic() + 0.5
-        while scheduler.running and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert scheduler.running == 0
+        assert wait_until(lambda: scheduler.running == 0, seconds=0.5)
