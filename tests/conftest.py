@@ -40,6 +40,14 @@ def perturb(module, seed: int = 0):
     return module.eval()
 
 
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """The first 30,000 characters of Tiny Shakespeare: about 30 steps per pass at 8 x 32."""
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(DATA.read_text()[:30_000])
+    return path
+
+
 @pytest.fixture
 def tiny_config():
     """GPT-2's vocabulary (so the end-of-text token exists) in a 2-layer, 32-wide model whose

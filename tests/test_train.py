@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, ROOT
+from conftest import ROOT
 from safetensors.torch import load_file
 
 from model import GPT
@@ -47,14 +47,6 @@ TINY = [
     "--eval-batches",
     "2",
 ]
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory):
-    """The first 30,000 characters of Tiny Shakespeare: about 30 steps per pass at 8 x 32."""
-    path = tmp_path_factory.mktemp("data") / "small.txt"
-    path.write_text(DATA.read_text()[:30_000])
-    return path
 
 
 def train_args(tmp_path, data, *extra):

@@ -61,14 +61,6 @@ sys.exit(train.train.main())
 
 
 @pytest.fixture(scope="module")
-def small_text(tmp_path_factory):
-    """The first 30,000 characters of Tiny Shakespeare: about 30 steps per pass at 8 x 32."""
-    path = tmp_path_factory.mktemp("data") / "small.txt"
-    path.write_text(DATA.read_text()[:30_000])
-    return path
-
-
-@pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """One token cache for the module: the slice is tokenised once."""
     return tmp_path_factory.mktemp("cache")
