@@ -230,9 +230,10 @@ class Batch:
         prefilling = next((row for row in self.rows if row.pending), None)
         if prefilling is not None:
             chunk, prefilling.pending = prefilling.pending[:PREFILL_CHUNK], prefilling.pending[PREFILL_CHUNK:]
-            logits = self._run([prefilling], [chunk])
+            last = not prefilling.pending
+            logits = self._run([prefilling], [chunk], logits=last)
             prefilling.position += len(chunk)
-            if not prefilling.pending:
+            if last:
                 prefilling.logits = logits[0]
         sampled = []
         for row in [row for row in self.rows if row.logits is not None]:
@@ -262,7 +263,10 @@ class Batch:
             for row, logits in zip(decoding, self._run(decoding, [[row.tokens[-1]] for row in decoding]), strict=True):
                 row.logits, row.position = logits, row.position + 1
 
-    def _run(self, rows: list[Row], tokens: list[list[int]]) -> torch.Tensor:
+    def _run(self, rows: list[Row], tokens: list[list[int]], logits: bool = True) -> torch.Tensor | None:
+        """Run each row's tokens at its position into its cache slot; each row's next logits, if asked for."""
         idx = torch.tensor(tokens, device=self.model.device)
         positions, slots = [row.position for row in rows], [row.slot for row in rows]
+        if not logits:
+            return self.model.fill_cache(idx, self.cache, positions, slots)
         return self.model.next_token_logits(idx, self.cache, positions, slots).float()

@@ -198,10 +198,16 @@ def test_max_batch_must_be_a_whole_number(int8_model, max_batch):
 
 
 def test_prefill_chunk_is_what_the_step_runs(int8_model, monkeypatch):
-    """A prompt of n tokens takes ceil(n / PREFILL_CHUNK) forward passes before its first token."""
+    """A prompt of n tokens takes ceil(n / PREFILL_CHUNK) forward passes before its first token, and only
+    the last of them runs the output head."""
     monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 4)
     calls = []
-    original = int8_model.next_token_logits
-    monkeypatch.setattr(int8_model, "next_token_logits", lambda idx, *a: calls.append(idx.shape) or original(idx, *a))
+
+    def recording(name):
+        original = getattr(int8_model, name)
+        return lambda idx, *args: calls.append((name, idx.shape)) or original(idx, *args)
+
+    for name in ("next_token_logits", "fill_cache"):
+        monkeypatch.setattr(int8_model, name, recording(name))
     assert len(list(generate(int8_model, list(range(10)), 1, temperature=0))) == 1
-    assert calls == [(1, 4), (1, 4), (1, 2)]
+    assert calls == [("fill_cache", (1, 4)), ("fill_cache", (1, 4)), ("next_token_logits", (1, 2))]
