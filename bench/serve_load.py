@@ -33,6 +33,9 @@ from model import GPT, GPTConfig, SamplingParams, load_tokenizer  # noqa: E402
 from serve import Scheduler, load_for_inference  # noqa: E402
 from serve.launch import app_env, running_app  # noqa: E402
 
+# one connection pool for every visitor: a client made per call (httpx.post) loads its TLS certificates each
+# time, CPU taken from the app on the same small machine (a real visitor's client runs elsewhere)
+HTTP = httpx.Client(timeout=httpx.Timeout(600, connect=60), limits=httpx.Limits(max_connections=64))
 PROMPT = "ROMEO:"
 CLIENTS = (1, 2, 4, 8, 16)
 PRECISIONS = {"fp32": dict(dtype="float32", quantize="none"), "bf16": dict(dtype="bfloat16", quantize="none"),
@@ -45,8 +48,8 @@ def ask(url: str, new_tokens: int, seed: int, started: threading.Event | None = 
     endpoint = f"{url}/gradio_api/call/generate"
     start, first, text, event = time.perf_counter(), None, PROMPT, None
     body = {"data": [PROMPT, new_tokens, 0.8, 50, 1.0, seed]}
-    event_id = httpx.post(endpoint, json=body, timeout=60).raise_for_status().json()["event_id"]
-    with httpx.stream("GET", f"{endpoint}/{event_id}", timeout=600) as response:
+    event_id = HTTP.post(endpoint, json=body, timeout=60).raise_for_status().json()["event_id"]
+    with HTTP.stream("GET", f"{endpoint}/{event_id}") as response:
         for line in response.iter_lines():
             if line.startswith("event: "):
                 event = line.removeprefix("event: ")
