@@ -16,7 +16,6 @@ Goals (issue 12): 8 clients >= 4x one client's aggregate, each >= 45% of one alo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -31,7 +30,7 @@ import torch  # noqa: E402
 
 from model import GPT, GPTConfig, SamplingParams, load_tokenizer  # noqa: E402
 from serve import Scheduler, load_for_inference  # noqa: E402
-from serve.launch import app_env, running_app  # noqa: E402
+from serve.launch import app_env, running_app, timed_generate  # noqa: E402
 
 # one connection pool for every visitor: a client made per call (httpx.post) loads its TLS certificates each
 # time, CPU taken from the app on the same small machine (a real visitor's client runs elsewhere)
@@ -44,24 +43,10 @@ PRECISIONS = {"fp32": dict(dtype="float32", quantize="none"), "bf16": dict(dtype
 
 def ask(url: str, new_tokens: int, seed: int, started: threading.Event | None = None) -> tuple[float, float, int]:
     """(seconds to the first streamed token, seconds to the end, tokens received) of one visitor calling the
-    HTTP API (/gradio_api/call/generate, server-sent events): the times are when the bytes arrive."""
-    endpoint = f"{url}/gradio_api/call/generate"
-    start, first, text, event = time.perf_counter(), None, PROMPT, None
-    body = {"data": [PROMPT, new_tokens, 0.8, 50, 1.0, seed]}
-    event_id = HTTP.post(endpoint, json=body, timeout=60).raise_for_status().json()["event_id"]
-    with HTTP.stream("GET", f"{endpoint}/{event_id}") as response:
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line.removeprefix("event: ")
-            elif line.startswith("data: ") and event in ("generating", "complete"):
-                text = json.loads(line.removeprefix("data: "))[0]
-                if first is None and len(text) > len(PROMPT):
-                    first = time.perf_counter() - start
-                    if started is not None:
-                        started.set()
-    if event != "complete":
-        raise RuntimeError(f"the app answered {event!r}: {text!r}")
-    return first, time.perf_counter() - start, len(load_tokenizer().encode(text[len(PROMPT) :]))
+    HTTP API (server-sent events): the times are when the bytes arrive."""
+    on_first = None if started is None else started.set
+    first, total, text = timed_generate(url, [PROMPT, new_tokens, 0.8, 50, 1.0, seed], HTTP, on_first)
+    return first, total, len(load_tokenizer().encode(text[len(PROMPT) :]))
 
 
 def load(url: str, clients: int, new_tokens: int) -> tuple[float, float, float]:

@@ -4,6 +4,7 @@ the benchmarks and anyone scripting the app."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -11,9 +12,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 START_TIMEOUT_S = 180  # a busy machine may take long to import torch and gradio
 PORT_TRIES = 3
@@ -99,3 +102,48 @@ def running_app(script: Path, *args: str, env: dict[str, str] | None = None) -> 
             finally:
                 stop(process)
             return
+
+
+def api_events(
+    url: str, data: list | str, api_name: str = "generate", client: httpx.Client | None = None
+) -> Iterator[tuple[str, object]]:
+    """Call the app's HTTP API as any program may (POST /gradio_api/call/<api_name>, then read its server-sent
+    events) and yield each (event, data) the moment it arrives: "generating" with the outputs so far, then
+    "complete" or "error". data: the inputs as a list, or a JSON body written by hand (NaN, Infinity...).
+    Pass one httpx.Client for many calls: a client per call loads its TLS certificates each time."""
+    http = client or httpx.Client(timeout=httpx.Timeout(600, connect=60))
+    endpoint = f"{url}/gradio_api/call/{api_name}"
+    try:
+        if isinstance(data, str):
+            posted = http.post(endpoint, content=data, headers={"content-type": "application/json"}, timeout=60)
+        else:
+            posted = http.post(endpoint, json={"data": data}, timeout=60)
+        with http.stream("GET", f"{endpoint}/{posted.raise_for_status().json()['event_id']}") as response:
+            event = None
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    yield event, json.loads(line.removeprefix("data: "))
+    finally:
+        if client is None:
+            http.close()
+
+
+def timed_generate(
+    url: str, inputs: list, client: httpx.Client | None = None, on_first_token: Callable[[], None] | None = None
+) -> tuple[float, float, str]:
+    """Call the app's /generate with inputs (the prompt first) through its HTTP API and return (seconds to
+    the first text beyond the prompt, seconds to the end, the final text), as the bytes arrive."""
+    prompt, start, first, text, event = inputs[0], time.perf_counter(), None, inputs[0], None
+    for event, outputs in api_events(url, inputs, client=client):
+        if event in ("generating", "complete"):
+            text = outputs[0]
+            if first is None and len(text) > len(prompt):
+                first = time.perf_counter() - start
+                if on_first_token is not None:
+                    on_first_token()
+    total = time.perf_counter() - start
+    if event != "complete":
+        raise RuntimeError(f"the app answered {event!r}: {text!r}")
+    return total if first is None else first, total, text

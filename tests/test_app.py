@@ -1,7 +1,6 @@
 """The real app.py in a subprocess, called through gradio_client and raw HTTP, as API users call it."""
 
 import asyncio
-import json
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from gradio_client.exceptions import AppError
 
 from model import GPT, CheckpointError, GPTConfig, generate, load_tokenizer, stream_text
 from serve import load_for_inference, precision_of
-from serve.launch import app_env, free_port
+from serve.launch import api_events, app_env, free_port
 
 PARAMETERS = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"]
 BLOCK_SIZE = 64  # the tiny preset's context
@@ -63,13 +62,8 @@ def greedy(client, prompt="ROMEO:", max_new_tokens=12):
 
 def raw_call(url, body: str) -> tuple[str, object]:
     """POST a hand-written JSON body (NaN and Infinity included) and return the last SSE event and its data."""
-    endpoint = f"{url}/gradio_api/call/generate"
-    response = httpx.post(endpoint, content=body, headers={"content-type": "application/json"}, timeout=30)
-    response.raise_for_status()
-    stream = httpx.get(f"{endpoint}/{response.json()['event_id']}", timeout=60).text
-    events = [line.removeprefix("event: ") for line in stream.splitlines() if line.startswith("event: ")]
-    data = [line.removeprefix("data: ") for line in stream.splitlines() if line.startswith("data: ")]
-    return events[-1], json.loads(data[-1])
+    *_, last = api_events(url, body)
+    return last
 
 
 def test_one_public_endpoint_with_named_parameters(client):
