@@ -268,5 +268,6 @@ class Batch:
         idx = torch.tensor(tokens, device=self.model.device)
         positions, slots = [row.position for row in rows], [row.slot for row in rows]
         if not logits:
-            return self.model.fill_cache(idx, self.cache, positions, slots)
+            self.model.fill_cache(idx, self.cache, positions, slots)
+            return None
         return self.model.next_token_logits(idx, self.cache, positions, slots).float()
