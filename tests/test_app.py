@@ -15,7 +15,7 @@ from gradio_client.exceptions import AppError
 
 from model import GPT, CheckpointError, GPTConfig, generate, load_tokenizer, stream_text
 from serve import load_for_inference, precision_of
-from serve.launch import api_events, app_env, free_port
+from serve.launch import api_events, app_env, free_port, timed_generate
 
 PARAMETERS = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"]
 BLOCK_SIZE = 64  # the tiny preset's context
@@ -64,6 +64,16 @@ def raw_call(url, body: str) -> tuple[str, object]:
     """POST a hand-written JSON body (NaN and Infinity included) and return the last SSE event and its data."""
     *_, last = api_events(url, body)
     return last
+
+
+def test_the_http_api_streams_what_gradio_client_returns(url, client, reference):
+    """serve.launch.timed_generate (how the benchmarks time a visitor) reads the same text the client library
+    gets, the first token before the end; an error event is raised, not timed."""
+    first, total, text = timed_generate(url, ["ROMEO:", 30, 0, 0, 1.0, -1])
+    assert text == client.predict("ROMEO:", 30, 0, 0, 1.0, -1, api_name="/generate")
+    assert text == expected(reference, "ROMEO:", 30, temperature=0) and 0 < first < total
+    with pytest.raises(RuntimeError, match="'error'"):
+        timed_generate(url, ["   ", 30, 0, 0, 1.0, -1])
 
 
 def test_one_public_endpoint_with_named_parameters(client):
