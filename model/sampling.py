@@ -108,8 +108,9 @@ def sample_token(
         keep = int((probs.cumsum(-1) - probs < top_p).sum())  # mass before a token not yet enough
         logits, candidates = logits[:keep], candidates[:keep]
     # by the inverse of the cumulative distribution: one uniform number per draw, where torch.multinomial
-    # draws one per candidate (1.1 ms a token over GPT-2's 50,257, top-k off, against ~0.05 ms here)
-    cdf = logits.softmax(-1).cumsum(-1)
+    # draws one per candidate (1.1 ms a token over GPT-2's 50,257, top-k off, against ~0.05 ms here);
+    # summed in fp32 at least: in bf16 the sums round to runs of equal values, and only a run's first is drawn
+    cdf = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).cumsum(-1)
     point = torch.rand(1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[-1]
     choice = min(int(torch.searchsorted(cdf, point, right=True)), len(cdf) - 1)
     return choice if candidates is None else int(candidates[choice])

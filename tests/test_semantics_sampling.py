@@ -124,6 +124,17 @@ def test_temperature_is_applied_before_the_nucleus_is_chosen():
     assert set(draw(logits, 1.0, None, top_p, seed=5).nonzero().flatten().tolist()) == {0, 1}
 
 
+def test_bf16_logits_of_a_large_vocabulary_can_draw_every_token():
+    """A GPU's bf16 logits are drawn from a distribution summed in fp32: in bf16 the cumulative sum of 4,096
+    equal probabilities rounds to the same value over runs of up to 16 tokens near its end, and only the
+    first of each run could ever be drawn."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.zeros(4096, dtype=torch.bfloat16)
+    tokens = torch.tensor([sample_token(logits, 1.0, None, None, generator) for _ in range(2000)])
+    assert 0.45 < (tokens >= 2048).float().mean() < 0.55
+    assert len(set(tokens[tokens >= 2048].tolist())) > 600  # ~790 distinct of 2,048 expected; 128 in bf16
+
+
 def test_top_k_then_top_p_renormalises_over_the_k():
     """With both filters, top-p measures mass within the top-k candidates (transformers' order)."""
     logits = torch.tensor([2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3])
