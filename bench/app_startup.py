@@ -23,7 +23,7 @@ import httpx  # noqa: E402
 
 import serve  # noqa: E402
 from model import generate, load_tokenizer  # noqa: E402
-from serve.launch import app_env, running_app, timed_generate  # noqa: E402
+from serve.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
 
 PROMPT = "ROMEO:"
 READY_GOAL_S, FIRST_TOKEN_GOAL_S = 10.0, 0.5
@@ -63,7 +63,7 @@ def main() -> None:
     launched = time.perf_counter()
     with running_app(ROOT / "app.py", *app_args, env=app_env()) as app:
         ready = app.ready_seconds
-        with httpx.Client(timeout=httpx.Timeout(600, connect=60)) as client:
+        with httpx.Client(timeout=API_TIMEOUT) as client:
             through_the_app(app.url, client, args.max_new_tokens, seed=0)
             first_answer = time.perf_counter() - launched
             runs = [through_the_app(app.url, client, args.max_new_tokens, seed) for seed in range(1, args.runs + 1)]

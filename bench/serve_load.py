@@ -30,11 +30,11 @@ import torch  # noqa: E402
 
 from model import GPT, GPTConfig, SamplingParams, load_tokenizer  # noqa: E402
 from serve import Scheduler, load_for_inference  # noqa: E402
-from serve.launch import app_env, running_app, timed_generate  # noqa: E402
+from serve.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
 
 # one connection pool for every visitor: a client made per call (httpx.post) loads its TLS certificates each
 # time, CPU taken from the app on the same small machine (a real visitor's client runs elsewhere)
-HTTP = httpx.Client(timeout=httpx.Timeout(600, connect=60), limits=httpx.Limits(max_connections=64))
+HTTP = httpx.Client(timeout=API_TIMEOUT, limits=httpx.Limits(max_connections=64))
 PROMPT = "ROMEO:"
 CLIENTS = (1, 2, 4, 8, 16)
 PRECISIONS = {"fp32": dict(dtype="float32", quantize="none"), "bf16": dict(dtype="bfloat16", quantize="none"),

@@ -20,6 +20,7 @@ import httpx
 
 START_TIMEOUT_S = 180  # a busy machine may take long to import torch and gradio
 PORT_TRIES = 3
+API_TIMEOUT = httpx.Timeout(600, connect=60)  # a long generation streams for minutes on a busy CPU
 
 
 def free_port() -> int:
@@ -111,7 +112,7 @@ def api_events(
     events) and yield each (event, data) the moment it arrives: "generating" with the outputs so far, then
     "complete" or "error". data: the inputs as a list, or a JSON body written by hand (NaN, Infinity...).
     Pass one httpx.Client for many calls: a client per call loads its TLS certificates each time."""
-    http = client or httpx.Client(timeout=httpx.Timeout(600, connect=60))
+    http = client or httpx.Client(timeout=API_TIMEOUT)
     endpoint = f"{url}/gradio_api/call/{api_name}"
     try:
         if isinstance(data, str):
