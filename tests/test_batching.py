@@ -230,3 +230,58 @@ def test_prefill_chunk_is_what_the_step_runs(int8_model, monkeypatch):
         monkeypatch.setattr(int8_model, name, recording(name))
     assert len(list(generate(int8_model, list(range(10)), 1, temperature=0))) == 1
     assert calls == [("fill_cache", (1, 4)), ("fill_cache", (1, 4)), ("next_token_logits", (1, 2))]
+
+
+def test_a_request_needs_a_prompt_and_a_new_token(int8_model):
+    with Scheduler(int8_model) as scheduler:
+        for prompt, new_tokens in (([], 5), ([1, 2], 0)):
+            with pytest.raises(ValueError, match="^a request needs a prompt and at least one new token$"):
+                scheduler.generate(prompt, new_tokens, SamplingParams(0.0, seed=0))
+        assert (scheduler.running, scheduler.waiting) == (0, 0)
+
+
+def test_a_stream_read_past_its_end_or_its_error_stops_at_once(int8_model, monkeypatch):
+    """A reader that asks again after the last token (or after the error) gets StopIteration, not a wait
+    for tokens that never come."""
+    ended: list[str] = []
+
+    def read_past_the_end(stream):
+        for _ in stream:
+            pass
+        ended.append(type(next(stream, None)).__name__)
+
+    with Scheduler(int8_model, max_batch=2) as scheduler:
+        finished = scheduler.generate([1, 2], 3, SamplingParams(0.0, seed=0))
+        reader = threading.Thread(target=read_past_the_end, args=(finished,), daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+        monkeypatch.setattr(Batch, "advance", lambda self: (_ for _ in ()).throw(MemoryError("out of memory")))
+        failed = scheduler.generate([1, 2], 3, SamplingParams(0.0, seed=0))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            list(failed)
+        reader = threading.Thread(target=lambda: ended.append(type(next(failed, None)).__name__), daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+    assert ended == ["NoneType", "NoneType"]
+
+
+def test_close_returns_once_the_decoding_thread_has_ended(int8_model):
+    scheduler = Scheduler(int8_model, max_batch=1).start()
+    next(scheduler.generate([1], 10_000, SamplingParams(0.0, seed=0)))
+    assert [t.name for t in threading.enumerate()].count("batched-decoding") == 1
+    scheduler.close()
+    assert "batched-decoding" not in [t.name for t in threading.enumerate()]
+
+
+def test_run_on_the_callers_thread_ends_when_another_thread_closes_it(int8_model):
+    """The app runs the decoding on its main thread (run()) and stops it from another (close())."""
+    scheduler = Scheduler(int8_model, max_batch=1)
+    stream = scheduler.generate([1], 10_000, SamplingParams(0.0, seed=0))
+    closed = []
+    closer = threading.Thread(target=lambda: (next(stream), scheduler.close(), closed.append(True)), daemon=True)
+    closer.start()
+    scheduler.run()  # returns once closed
+    closer.join(timeout=10)
+    assert closed == [True]
+    with pytest.raises(RuntimeError, match="shutting down"):
+        list(stream)
