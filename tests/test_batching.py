@@ -2,6 +2,8 @@
 the same tokens alone and beside others), join and leave between steps, prefill in chunks, and the
 scheduler frees the row of a request nobody reads."""
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,7 +15,7 @@ from model import sampling as sampling_module
 from model.sampling import Batch
 from serve import Scheduler
 from serve.inference import int8_supported, quantize_int8
-from tests.conftest import perturb, slow_steps, wait_until
+from tests.conftest import ROOT, perturb, slow_steps, wait_until
 from tests.test_generate import make_varied
 
 # (prompt, max_new_tokens, settings) of requests that differ in every way a visitor can make them differ
@@ -187,12 +189,13 @@ def test_requests_beyond_the_batch_wait_in_order(int8_model):
         assert len(list(second)) == 3
 
 
-def test_a_failed_step_ends_its_requests_with_an_error_and_serving_goes_on(int8_model, monkeypatch):
+def test_a_failed_step_ends_its_requests_with_an_error_and_serving_goes_on(int8_model, monkeypatch, caplog):
     with Scheduler(int8_model, max_batch=2) as scheduler:
         original = Batch.advance
         monkeypatch.setattr(Batch, "advance", lambda self: (_ for _ in ()).throw(MemoryError("out of memory")))
         with pytest.raises(RuntimeError, match="generation failed: out of memory"):
             list(scheduler.generate([1, 2], 5, SamplingParams(0.0, seed=0)))
+        assert "a decoding step failed; ending the 1 requests in it" in caplog.messages
         monkeypatch.setattr(Batch, "advance", original)
         assert len(list(scheduler.generate([1, 2], 5, SamplingParams(0.0, seed=0)))) == 5
 
@@ -204,9 +207,9 @@ def test_closing_the_scheduler_ends_what_waits(int8_model):
     next(running)
     scheduler.close()
     for stream in (running, waiting):
-        with pytest.raises(RuntimeError, match="shutting down"):
+        with pytest.raises(RuntimeError, match="^the server is shutting down$"):
             list(stream)
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RuntimeError, match="^the scheduler is closed$"):
         scheduler.generate([1], 1, SamplingParams(0.0, seed=0))
 
 
@@ -283,5 +286,17 @@ def test_run_on_the_callers_thread_ends_when_another_thread_closes_it(int8_model
     scheduler.run()  # returns once closed
     closer.join(timeout=10)
     assert closed == [True]
-    with pytest.raises(RuntimeError, match="shutting down"):
+    with pytest.raises(RuntimeError, match="^the server is shutting down$"):
         list(stream)
+
+
+def test_a_program_that_never_closes_its_scheduler_still_exits(tmp_path):
+    """The decoding thread is a daemon: a script that forgets close() ends when its main thread does."""
+    script = tmp_path / "forgets_close.py"
+    script.write_text(
+        "import torch\nfrom model import GPT, GPTConfig, SamplingParams\nfrom serve import Scheduler\n"
+        "scheduler = Scheduler(GPT(GPTConfig.from_preset('tiny'))).start()\n"
+        "print(len(list(scheduler.generate([1], 3, SamplingParams(0.0, seed=0)))))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr
