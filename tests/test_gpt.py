@@ -105,6 +105,19 @@ def test_forward_is_causal(tiny_model):
     assert not torch.allclose(a[0, 3:], b[0, 3:])
 
 
+def test_dropout_acts_in_training_only(tiny_model, tiny_config):
+    """With dropout set, eval mode (generation, held-out loss) gives the plain model's logits every time;
+    training mode drops something on every call."""
+    dropping = GPT(GPTConfig(**{**vars(tiny_config), "dropout": 0.3}))
+    dropping.load_state_dict(tiny_model.state_dict())
+    idx = torch.tensor([[10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        plain, _ = tiny_model.eval()(idx)
+        assert all(torch.equal(dropping.eval()(idx)[0], plain) for _ in range(3))
+        dropping.train()
+        assert not torch.allclose(dropping(idx)[0], dropping(idx)[0])
+
+
 def test_longer_than_the_context_is_refused(tiny_model, tiny_config):
     idx = torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="longer than the context"):
@@ -130,14 +143,15 @@ def test_initialisation_follows_gpt2():
             assert torch.all(param == 1), name
 
 
-def test_cached_chunks_give_the_full_forward_logits(tiny_model):
+@pytest.mark.parametrize("chunks", [[(0, 5), (5, 8), (8, 9), (9, 11)], [(0, 2), (2, 3), (3, 11)]])
+def test_cached_chunks_give_the_full_forward_logits(tiny_model, chunks):
     """Prefill, then a multi-token chunk, then single tokens through the KV cache: every last
     position's logits equal those of one forward pass over the whole sequence."""
     idx = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
     with torch.no_grad():
         full, _ = tiny_model(idx)
         cache = tiny_model.new_kv_cache()
-        for start, end in [(0, 5), (5, 8), (8, 9), (9, 11)]:
+        for start, end in chunks:
             last = tiny_model.next_token_logits(idx[:, start:end], cache, input_pos=start)
             torch.testing.assert_close(last, full[:, end - 1], atol=1e-5, rtol=0)
 
