@@ -96,13 +96,15 @@ def test_loss_ignores_targets_of_minus_one(tiny_model):
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
-def test_forward_is_causal(tiny_model):
-    """Changing a later token never changes the logits of earlier positions."""
+@pytest.mark.parametrize("tokens, changed", [([10, 11, 12, 13, 14], 3), ([10, 11], 1)])
+def test_forward_is_causal(tiny_model, tokens, changed):
+    """Changing a later token never changes the logits of earlier positions (also in a 2-token sequence)."""
+    other = tokens[:changed] + [99] + tokens[changed + 1 :]
     with torch.no_grad():
-        a, _ = tiny_model(torch.tensor([[10, 11, 12, 13, 14]]))
-        b, _ = tiny_model(torch.tensor([[10, 11, 12, 99, 14]]))
-    assert torch.equal(a[0, :3], b[0, :3])
-    assert not torch.allclose(a[0, 3:], b[0, 3:])
+        a, _ = tiny_model(torch.tensor([tokens]))
+        b, _ = tiny_model(torch.tensor([other]))
+    assert torch.equal(a[0, :changed], b[0, :changed])
+    assert not torch.allclose(a[0, changed:], b[0, changed:])
 
 
 def test_dropout_acts_in_training_only(tiny_model, tiny_config):
@@ -120,7 +122,7 @@ def test_dropout_acts_in_training_only(tiny_model, tiny_config):
 
 def test_longer_than_the_context_is_refused(tiny_model, tiny_config):
     idx = torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long)
-    with pytest.raises(ValueError, match="longer than the context"):
+    with pytest.raises(ValueError, match=r"sequence of 17 tokens is longer than the context \(16\); crop it"):
         tiny_model(idx)
 
 
