@@ -2,6 +2,7 @@
 the same tokens alone and beside others), join and leave between steps, prefill in chunks, and the
 scheduler frees the row of a request nobody reads."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -298,5 +299,6 @@ def test_a_program_that_never_closes_its_scheduler_still_exits(tmp_path):
         "scheduler = Scheduler(GPT(GPTConfig.from_preset('tiny'))).start()\n"
         "print(len(list(scheduler.generate([1], 3, SamplingParams(0.0, seed=0)))))\n"
     )
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this tree's packages, whatever is installed
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
     assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr
