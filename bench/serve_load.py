@@ -1,14 +1,16 @@
 """Many visitors at once: the real app under 1, 2, 4, 8 and 16 concurrent clients, in one run.
 
-    python bench/serve_load.py [--models random assets] [--new-tokens 64] [-- app flags]
+    python bench/serve_load.py [--models random assets] [--new-tokens 64] [--device cuda] [-- app flags]
 
 For each model (`random`: GPT-2 124M with GPT-2's random initialisation, seed 0; `assets`: the model
-shipped in assets/; or any source) it launches `python app.py` (its defaults: int8 on the CPU,
---max-batch 16) and prints, as clients of its HTTP API see it (the times are when the streamed bytes arrive):
+shipped in assets/; or any source) it launches `python app.py --device DEVICE` (its defaults: int8 on the
+CPU, bf16 on CUDA, --max-batch 16) and prints, as clients of its HTTP API see it (the times are when the
+streamed bytes arrive):
 - tokens/s for N clients asking at once: the aggregate, and each client's own (median), and their
   ratios to one client alone;
 - the time to the first token of a client arriving while 8 others stream.
-Then, in-process, how many seeded answers are identical alone and in a batch of 8, for each precision.
+Then, in-process on the same device, how many seeded answers are identical alone and in a batch of 8, for
+each precision it offers (int8 on the CPU only).
 Goals (issue 12): 8 clients >= 4x one client's aggregate, each >= 45% of one alone; first token
 <= 0.5 s while 8 stream; every int8 answer identical.
 """
@@ -29,6 +31,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from model import GPT, GPTConfig, SamplingParams, load_tokenizer  # noqa: E402
+from model.device import pick_device  # noqa: E402
 from serve import Scheduler, load_for_inference  # noqa: E402
 from serve.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
 
@@ -79,7 +82,7 @@ def first_token_while_streaming(url: str, streaming: int, new_tokens: int, tries
 def serve_under_load(source: str, label: str, args) -> None:
     context = GPT.from_pretrained(source).config.block_size  # the most tokens a request may ask for
     # every client here is 127.0.0.1: the per-client limit (8) would refuse the 9th of 16
-    app_args = ["--model", source, "--max-per-client", "64", *args.app_flags]
+    app_args = ["--model", source, "--device", args.device, "--max-per-client", "64", *args.app_flags]
     with running_app(ROOT / "app.py", *app_args, env=app_env()) as app:
         ask(app.url, 8, 0)  # first-call set-up, not timed
         load(app.url, 8, 8)
@@ -101,14 +104,16 @@ def serve_under_load(source: str, label: str, args) -> None:
     print(f"first token of a client arriving while 8 stream: {arriving:.2f} s (goal <= 0.5 s)")
 
 
-def invariance(source: str, label: str, new_tokens: int) -> None:
+def invariance(source: str, label: str, new_tokens: int, device: str) -> None:
     """How many of 8 seeded answers are identical alone and all 8 together, for each precision."""
     tokenizer = load_tokenizer()
     prompts = ["ROMEO:", "First Citizen:", "To be or not", "JULIET:\nO", "KING", "Now is the winter", "A", "HAMLET:"]
     requests = [(tokenizer.encode(p), new_tokens, SamplingParams(0.8, top_k=50, seed=i)) for i, p in enumerate(prompts)]
-    print(f"\n{label}: seeded answers identical alone and in a batch of 8 ({new_tokens} tokens each)")
+    print(f"\n{label} on {device}: seeded answers identical alone and in a batch of 8 ({new_tokens} tokens each)")
     for name, options in PRECISIONS.items():
-        with Scheduler(load_for_inference(source, device="cpu", **options), max_batch=8) as scheduler:
+        if name == "int8" and device != "cpu":
+            continue  # int8 runs on the CPU only
+        with Scheduler(load_for_inference(source, device=device, **options), max_batch=8) as scheduler:
             alone = [list(scheduler.generate(*request)) for request in requests]
             streams = [scheduler.generate(*request) for request in requests]
             together = [list(stream) for stream in streams]
@@ -122,8 +127,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="sweeps over the client counts (medians shown)")
     parser.add_argument("--skip-invariance", action="store_true")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("app_flags", nargs="*", help="passed to app.py after --, e.g. -- --max-batch 4")
     args = parser.parse_args()
+    args.device = str(pick_device(args.device))
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             if name == "random":
@@ -134,7 +141,7 @@ def main() -> None:
                 label = name
             serve_under_load(source, label, args)
             if not args.skip_invariance:
-                invariance(source, label, args.new_tokens)
+                invariance(source, label, args.new_tokens, args.device)
 
 
 if __name__ == "__main__":
