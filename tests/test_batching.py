@@ -270,11 +270,15 @@ def test_a_stream_read_past_its_end_or_its_error_stops_at_once(int8_model, monke
 
 
 def test_close_returns_once_the_decoding_thread_has_ended(int8_model):
+    def decoding_threads() -> int:
+        return [thread.name for thread in threading.enumerate()].count("batched-decoding")
+
+    before = decoding_threads()
     scheduler = Scheduler(int8_model, max_batch=1).start()
     next(scheduler.generate([1], 10_000, SamplingParams(0.0, seed=0)))
-    assert [t.name for t in threading.enumerate()].count("batched-decoding") == 1
+    assert decoding_threads() == before + 1
     scheduler.close()
-    assert "batched-decoding" not in [t.name for t in threading.enumerate()]
+    assert decoding_threads() == before
 
 
 def test_run_on_the_callers_thread_ends_when_another_thread_closes_it(int8_model):
