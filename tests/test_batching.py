@@ -190,10 +190,15 @@ def test_requests_beyond_the_batch_wait_in_order(int8_model):
         assert len(list(second)) == 3
 
 
+def failing_step(batch: Batch) -> None:
+    """Batch.advance as a step that runs out of memory."""
+    raise MemoryError("out of memory")
+
+
 def test_a_failed_step_ends_its_requests_with_an_error_and_serving_goes_on(int8_model, monkeypatch, caplog):
     with Scheduler(int8_model, max_batch=2) as scheduler:
         original = Batch.advance
-        monkeypatch.setattr(Batch, "advance", lambda self: (_ for _ in ()).throw(MemoryError("out of memory")))
+        monkeypatch.setattr(Batch, "advance", failing_step)
         with pytest.raises(RuntimeError, match="generation failed: out of memory"):
             list(scheduler.generate([1, 2], 5, SamplingParams(0.0, seed=0)))
         assert "a decoding step failed; ending the 1 requests in it" in caplog.messages
@@ -244,29 +249,27 @@ def test_a_request_needs_a_prompt_and_a_new_token(int8_model):
         assert (scheduler.running, scheduler.waiting) == (0, 0)
 
 
+def next_from_a_thread(stream, seconds: float = 10.0):
+    """next(stream, None) read on a thread of its own: what it gave, or "still waiting" after seconds."""
+    got = ["still waiting"]
+    reader = threading.Thread(target=lambda: got.__setitem__(0, next(stream, None)), daemon=True)
+    reader.start()
+    reader.join(timeout=seconds)
+    return got[0]
+
+
 def test_a_stream_read_past_its_end_or_its_error_stops_at_once(int8_model, monkeypatch):
     """A reader that asks again after the last token (or after the error) gets StopIteration, not a wait
     for tokens that never come."""
-    ended: list[str] = []
-
-    def read_past_the_end(stream):
-        for _ in stream:
-            pass
-        ended.append(type(next(stream, None)).__name__)
-
     with Scheduler(int8_model, max_batch=2) as scheduler:
         finished = scheduler.generate([1, 2], 3, SamplingParams(0.0, seed=0))
-        reader = threading.Thread(target=read_past_the_end, args=(finished,), daemon=True)
-        reader.start()
-        reader.join(timeout=10)
-        monkeypatch.setattr(Batch, "advance", lambda self: (_ for _ in ()).throw(MemoryError("out of memory")))
+        assert len(list(finished)) == 3
+        assert next_from_a_thread(finished) is None
+        monkeypatch.setattr(Batch, "advance", failing_step)
         failed = scheduler.generate([1, 2], 3, SamplingParams(0.0, seed=0))
         with pytest.raises(RuntimeError, match="out of memory"):
             list(failed)
-        reader = threading.Thread(target=lambda: ended.append(type(next(failed, None)).__name__), daemon=True)
-        reader.start()
-        reader.join(timeout=10)
-    assert ended == ["NoneType", "NoneType"]
+        assert next_from_a_thread(failed) is None
 
 
 def test_close_returns_once_the_decoding_thread_has_ended(int8_model):
