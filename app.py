@@ -12,9 +12,10 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 import serve
-from model import CheckpointError, SamplingParams, load_tokenizer
-from model.sampling import EXAMPLE_PROMPTS
-from serve import guards
+from model import CheckpointError, load_tokenizer
+from model.device import DTYPES
+from serve import guards, policy
+from serve.inference import QUANTIZE
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 log = logging.getLogger("app")
@@ -47,11 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--update-seconds", type=float, default=serve.UPDATE_SECONDS, help="stream updates at most "
                         "this often (the first token is shown at once); 0 = every token")  # fmt: skip
     parser.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+        "--dtype", choices=["auto", *DTYPES], default="auto",
         help="weight dtype; auto: bf16 (or fp16) on CUDA, fp32 activations on the CPU",
     )  # fmt: skip
     parser.add_argument(
-        "--quantize", choices=["auto", "none", "int8"], default="auto",
+        "--quantize", choices=["auto", *QUANTIZE], default="auto",
         help="auto: int8 weights on the CPU (2.6x fp32 decoding on GPT-2 124M, same held-out loss), none on CUDA",
     )  # fmt: skip
     return parser.parse_args(argv)
@@ -63,7 +64,7 @@ def build(
     tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
     model = scheduler.model
     block_size = model.config.block_size
-    defaults, served = SamplingParams(top_k=SamplingParams.DEFAULT_TOP_K, seed=0), SamplingParams.SERVED
+    defaults, served = policy.default_params(seed=0), policy.SERVED_RANGES
 
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, visitor: gr.Request):
         """Stream the prompt followed by its continuation. temperature 0 is greedy; top_k 0 and
@@ -95,7 +96,10 @@ def build(
                 )
                 stats = gr.Markdown(elem_id="stats")
                 gr.Examples(
-                    [[e] for e in EXAMPLE_PROMPTS], inputs=[prompt], cache_examples=False, api_visibility="private"
+                    [[e] for e in policy.EXAMPLE_PROMPTS],
+                    inputs=[prompt],
+                    cache_examples=False,
+                    api_visibility="private",
                 )
             with gr.Column(scale=2):
                 max_new_tokens = gr.Slider(
@@ -110,7 +114,9 @@ def build(
                 )
                 top_k = gr.Slider(*served["top_k"], value=defaults.top_k, step=1, label="Top-k", info="0 = off")
                 top_p = gr.Slider(*served["top_p"], value=defaults.top_p, step=0.05, label="Top-p", info="1 = off")
-                seed = gr.Number(value=-1, precision=0, label="Seed", info="blank or -1 = random", elem_id="seed")
+                seed = gr.Number(
+                    value=policy.RANDOM_SEED, precision=0, label="Seed", info="blank or -1 = random", elem_id="seed"
+                )
                 with gr.Accordion("Model", open=True):
                     gr.Markdown("".join(f"- **{k}**: {v}\n" for k, v in facts.rows()), elem_id="model-facts")
                     if facts.loss_curve:

@@ -23,7 +23,7 @@ import httpx  # noqa: E402
 
 import serve  # noqa: E402
 from model import generate, load_tokenizer  # noqa: E402
-from serve.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
+from tests.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
 
 PROMPT = "ROMEO:"
 READY_GOAL_S, FIRST_TOKEN_GOAL_S = 10.0, 0.5

@@ -36,7 +36,7 @@ PRECISIONS = {
     "bf16": dict(dtype="bfloat16", quantize="none"),
     "int8": dict(dtype="float32", quantize="int8"),
 }
-MODES = {"greedy": dict(temperature=0.0, top_k=None), "sampled": dict(temperature=0.8, top_k=50)}
+MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_k=50)}
 
 
 def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
@@ -69,9 +69,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def held_out_tokens(data: Path) -> torch.Tensor:
+def held_out_tokens(data: str) -> torch.Tensor:
     """The trainer's held-out tokens of the text (its default split, the last 10%)."""
-    config = TrainConfig(data=str(data))
+    config = TrainConfig(data=data)
     tokens = load_tokens(config.data, config.cache_dir)
     return torch.from_numpy(split_held_out(tokens, config.val_fraction)[1].astype(np.int64))
 
@@ -186,7 +186,7 @@ def speed(args, folder: Path, prompts: dict[int, list[int]], bandwidth: float) -
 
 
 def quality(args, sources: list[str]) -> None:
-    tokens = held_out_tokens(Path(args.data))
+    tokens = held_out_tokens(args.data)
     print(f"\nheld-out loss (last 10% of {args.data}, up to {args.eval_tokens} tokens)")
     print("| model | " + " | ".join(PRECISIONS) + " |")
     print("| --- |" + " ---: |" * len(PRECISIONS))
@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=cpu_threads())
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[10, 512])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "input.txt"))
+    parser.add_argument("--data", default="", help="the text, as the trainer's --data (default: the trainer's)")
     parser.add_argument("--quality-model", action="append", help="default: assets/ and --model")
     parser.add_argument("--eval-tokens", type=int, default=40_000, help="held-out tokens per loss")
     parser.add_argument("--skip-speed", action="store_true")
@@ -211,7 +211,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if not args.skip_speed:
-        tokens = held_out_tokens(Path(args.data)).tolist()
+        tokens = held_out_tokens(args.data).tolist()
         with tempfile.TemporaryDirectory() as tmp:
             folder = build_weights(args.model, Path(tmp))
             block_size = GPT.from_pretrained(folder).config.block_size

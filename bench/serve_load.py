@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from model import GPT, GPTConfig, SamplingParams, load_tokenizer  # noqa: E402
 from model.device import pick_device  # noqa: E402
 from serve import Scheduler, load_for_inference  # noqa: E402
-from serve.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
+from tests.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
 
 # one connection pool for every visitor: a client made per call (httpx.post) loads its TLS certificates each
 # time, CPU taken from the app on the same small machine (a real visitor's client runs elsewhere)

@@ -1,9 +1,9 @@
 """ShakespeareGPT's model package: GPT-2, its tokenizer, sampling and checkpoint I/O."""
 
 from .card import read_model_card_metrics, render_model_card
-from .checkpoint import CheckpointError
 from .config import PRESETS, GPTConfig
 from .gpt import GPT, KVCache
+from .layout import CheckpointError
 from .sampling import SamplingError, SamplingParams, generate
 from .tokenizer import EOT_TOKEN, load_tokenizer, stream_text
 

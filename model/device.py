@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 
+# The precisions a user may name (--dtype), for training (autocast) and serving (weights) alike.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def pick_device(name: str = "auto", index: int = 0) -> torch.device:
     """The device called name; auto is CUDA device index when a GPU is visible, else the CPU."""

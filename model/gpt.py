@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint
 from .config import GPTConfig
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class KVCache:
@@ -204,36 +205,31 @@ class GPT(nn.Module):
         need no output head, which reads the whole token embedding: 38.6M of GPT-2's 124M weights)."""
         self._hidden(idx, cache, input_pos, slots)
 
+    # Checkpoint I/O lives in loading.py, saving.py and hub.py; these methods only hand over to them.
+
     @classmethod
     def from_pretrained(cls, source: str | Path, *, device=None, dtype=None) -> GPT:
         """Load a local folder, a Hub repo id (`org/name` or `org/name@revision`), or a single
         `.safetensors` / `.pt` file (Hugging Face GPT-2 layout or a nanoGPT-style state dict)."""
-        config, state_dict = checkpoint.load_checkpoint(source)
+        from .loading import load_checkpoint, load_weights
+
+        config, state_dict = load_checkpoint(source)
         with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict(state_dict, strict=True, assign=True)
+        load_weights(model, state_dict)
         model.eval()
         return model.to(device=device, dtype=dtype or torch.float32)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Like nn.Module.load_state_dict, but a missing, unexpected or mis-shaped tensor is an
-        error that names it (lm_head.weight may be absent: it is tied to transformer.wte.weight)."""
-        state_dict = checkpoint.normalize_state_dict(state_dict)
-        checkpoint.check_state_dict(state_dict, self.state_dict(), strict=strict)
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        self.lm_head.weight = self.transformer.wte.weight
-        return result
-
     def save_pretrained(self, folder: str | Path, model_card: str | None = None) -> Path:
-        """Write the Hugging Face GPT-2 layout (config.json, model.safetensors, README.md)."""
-        return checkpoint.save_folder(self, folder, model_card)
+        """Write the Hugging Face GPT-2 layout (config.json, model.safetensors, tokenizer files, README.md)."""
+        from .saving import save_folder
+
+        return save_folder(self, folder, model_card)
 
     def push_to_hub(
         self, repo_id: str, private: bool = False, token: str | None = None, model_card: str | None = None
     ) -> str:
         """Upload the saved folder and a model card to the Hub; returns the commit URL."""
-        import tempfile
+        from .saving import push_to_hub
 
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, model_card)
-            return checkpoint.upload_folder(folder, repo_id, private=private, token=token)
+        return push_to_hub(self, repo_id, private=private, token=token, model_card=model_card)

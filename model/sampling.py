@@ -1,5 +1,5 @@
-"""Autoregressive sampling with a KV cache: the one place every caller generates text from, and the
-one place sampling settings are defined, bounded and checked (SamplingParams)."""
+"""Autoregressive sampling with a KV cache: the sampling settings (SamplingParams, defined and checked here
+once), the draw of one token, and generate(), which every caller generates text from."""
 
 from __future__ import annotations
 
@@ -13,9 +13,6 @@ import torch
 
 from .gpt import GPT
 from .tokenizer import EOT_TOKEN
-
-# The prompts the model card's samples and the app's examples use.
-EXAMPLE_PROMPTS = ("First Citizen:", "ROMEO:", "To be or not")
 
 
 class SamplingError(ValueError):
@@ -42,23 +39,15 @@ def _shown(value) -> str:
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token, checked once when made. temperature 0 is greedy; top_k 0 and top_p 1
-    are off; seed None draws a random one, kept here so a run can be repeated. The defaults are what
-    every front end starts from; SERVED holds the narrower ranges an app offers its visitors (its
-    sliders and its request check read them: served())."""
+    are off; seed None draws a random one, kept here so a run can be repeated. The defaults are
+    generate()'s and every front end's starting point."""
 
     temperature: float = 0.8
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
 
-    DEFAULT_TOP_K: ClassVar[int] = 50  # what front ends offer first (0 here keeps the Python API unfiltered)
     SEED_MAX: ClassVar[int] = 2**63 - 1
-    # (low, high) of each setting a served request may ask for
-    SERVED: ClassVar[dict[str, tuple[float, float]]] = {
-        "temperature": (0.0, 2.0),
-        "top_k": (0, 200),
-        "top_p": (0.05, 1.0),
-    }
 
     def __post_init__(self) -> None:
         self._set("temperature", 0.0, math.inf, "a finite number >= 0 (0 = greedy)")
@@ -73,35 +62,18 @@ class SamplingParams:
     def _set(self, name: str, low: float, high: float, allowed: str, whole: bool = False) -> None:
         object.__setattr__(self, name, checked_number(name, getattr(self, name), low, high, allowed, whole))  # frozen
 
-    @classmethod
-    def served(cls, temperature, top_k, top_p, seed) -> SamplingParams:
-        """Settings as a visitor of an app may send them (any JSON value): each within SERVED, else
-        SamplingError saying what is allowed; a seed of None or -1 is random."""
-        (t_low, t_high), (k_low, k_high), (p_low, p_high) = cls.SERVED.values()
-        temperature = checked_number(
-            "temperature", temperature, t_low, t_high, f"a number from {t_low:g} to {t_high:g} (0 = greedy)"
-        )
-        top_k = checked_number(
-            "top_k", top_k, k_low, k_high, f"a whole number from {k_low} to {k_high} (0 = off)", whole=True
-        )
-        top_p = checked_number("top_p", top_p, p_low, p_high, f"a number from {p_low:g} to {p_high:g} (1 = off)")
-        random = seed is None or (not isinstance(seed, bool) and isinstance(seed, (int, float)) and seed == -1)
-        return cls(temperature, top_k, top_p, None if random else seed)
 
-
-def sample_token(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
-) -> int:
-    """Draw a token from softmax(logits / temperature), restricted to the top_k most likely and to
-    the smallest set whose probability reaches top_p (the most likely token always stays).
-    Temperature 0 or top_k 1 is greedy; a temperature too small to divide by gives the greedy token
-    too (ties shared), never a NaN. Only the candidates are sorted and sampled, not the vocabulary."""
-    if temperature == 0 or top_k == 1:
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
+    """Draw a token from softmax(logits / temperature), restricted to the top_k most likely (0 = all) and to
+    the smallest set whose probability reaches top_p (1 = all; the most likely token always stays).
+    Temperature 0 or top_k 1 is greedy, and so is a temperature too small to divide by in the logits' dtype
+    (below its smallest normal number): never a NaN. Only the candidates are sorted and sampled."""
+    if temperature < torch.finfo(logits.dtype).tiny or top_k == 1:
         return int(logits.argmax())
     logits, candidates = (logits - logits.max()) / temperature, None  # the best is 0: no overflow to inf - inf
-    if top_k and top_k < logits.numel():
+    if 0 < top_k < logits.numel():
         logits, candidates = torch.topk(logits, top_k)  # sorted, most likely first
-    nucleus = top_p is not None and top_p < 1.0
+    nucleus = top_p < 1.0
     if nucleus and candidates is None:
         logits, candidates = torch.sort(logits, descending=True)
     # summed in fp32 at least: in bf16 the sums round to runs of equal values, and only a run's first is drawn
@@ -111,169 +83,81 @@ def sample_token(
         keep = int((cdf - probs < top_p).sum())  # mass before a token not yet enough
         cdf, candidates = cdf[:keep], candidates[:keep]
     # by the inverse of the cumulative distribution (scaled to the mass kept): one uniform number per draw,
-    # where torch.multinomial draws one per candidate (1.1 ms a token over GPT-2's 50,257, top-k off)
+    # where torch.multinomial draws one per candidate
     point = torch.rand(1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[-1]
     choice = min(int(torch.searchsorted(cdf, point, right=True)), len(cdf) - 1)
     return choice if candidates is None else int(candidates[choice])
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """sample_token with a SamplingParams' settings."""
+    return sample_token(logits, params.temperature, params.top_k, params.top_p, generator)
+
+
+PREFILL_CHUNK = 128  # prompt tokens run per forward pass: a batched decoder interleaves a long prompt's chunks
+
+
+def prompt_chunks(tokens: list[int]) -> list[list[int]]:
+    """A prompt split into the chunks it is prefilled in (the same split alone and in a batch)."""
+    return [tokens[i : i + PREFILL_CHUNK] for i in range(0, len(tokens), PREFILL_CHUNK)]
+
+
+def kept_after_shift(tokens: list[int], block_size: int) -> list[int]:
+    """What a sequence whose context is full goes on from: its last half context, prefilled again (as llama.cpp
+    shifts its context), so a long generation costs one prefill per half context, not a full window per token."""
+    return tokens[-(block_size // 2) :]
 
 
 def generate(
     model: GPT,
     prompt_ids: Sequence[int] | torch.Tensor,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
     *,
     params: SamplingParams | None = None,
+    **settings,
 ) -> Iterator[int]:
-    """Yield up to max_new_tokens new token ids, one at a time, sampled as params says, else as the
-    keyword settings say (checked here: top_k None and top_p None are off, seed None is random).
-    A seed makes the output reproducible whatever else runs; stops after <|endoftext|>. The model runs
-    in eval mode while the generator is live. This is a Batch of one row: the prompt (its last
-    block_size tokens) is prefilled into a KV cache in chunks, then one position runs per step, and
-    past the context the last half is kept (see Batch)."""
+    """Yield up to max_new_tokens new token ids, one at a time, sampled as params says, else with the keyword
+    settings (temperature, top_k, top_p, seed: SamplingParams' fields and defaults). A seed makes the output
+    reproducible whatever else runs; it stops after <|endoftext|>. The prompt (its last block_size tokens) is
+    prefilled into a KV cache in chunks, then one position runs per step; past the context the last half is
+    kept (kept_after_shift). The model runs in eval mode while the generator is live."""
     if params is None:
-        params = SamplingParams(temperature, top_k or 0, 1.0 if top_p is None else top_p, seed)
+        params = SamplingParams(**settings)
+    elif settings:
+        raise TypeError(f"give generate() params= or keyword settings, not both (got {', '.join(settings)})")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise SamplingError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     tokens = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
     if not tokens:
-        raise SamplingError("prompt_ids is empty: give at least one token (e.g. the end-of-text token 50256)")
+        raise SamplingError(f"prompt_ids is empty: give at least one token (e.g. the end-of-text token {EOT_TOKEN})")
     vocab_size = model.config.vocab_size
     if any(not 0 <= t < vocab_size for t in tokens):
         raise SamplingError(f"prompt_ids must be token ids in [0, {vocab_size})")
-    return _sample(model, tokens, max_new_tokens, params)
+    return _decode(model, tokens, max_new_tokens, params)
 
 
-def _sample(model: GPT, tokens: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[int]:
-    if max_new_tokens == 0:
-        return
-    batch = Batch(model, 1)
-    row = batch.add(tokens, max_new_tokens, params)
+def _decode(model: GPT, tokens: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[int]:
+    block_size = model.config.block_size
+    cache = model.new_kv_cache(1)
+    generator = torch.Generator(device=model.device).manual_seed(params.seed)
+    pending, position = tokens[-block_size:], 0
     was_training = model.training
     model.eval()  # no dropout while sampling (and no draw from the global RNG a trainer relies on)
     try:
-        while True:
-            for _, token in batch.next_tokens():
-                yield token
-            if row.done:
+        for _ in range(max_new_tokens):
+            with torch.inference_mode():
+                *prefix, last = prompt_chunks(pending)
+                for chunk in prefix:
+                    model.fill_cache(torch.tensor([chunk], device=model.device), cache, position)
+                    position += len(chunk)
+                logits = model.next_token_logits(torch.tensor([last], device=model.device), cache, position)
+                position += len(last)
+            token = draw(logits[0].float(), params, generator)
+            yield token
+            if token == EOT_TOKEN:
                 return
-            batch.advance()
+            tokens.append(token)
+            pending = [token] if position < block_size else kept_after_shift(tokens, block_size)
+            position = position if position < block_size else 0
     finally:
         model.train(was_training)
-
-
-PREFILL_CHUNK = 128  # prompt tokens prefilled per step: a long prompt holds up the rows decoding beside it briefly
-
-
-@dataclass(eq=False)
-class Row:
-    """One sequence of a Batch: its tokens so far (prompt and generated), its settings and RNG, its cache
-    slot and how many positions of it are there, the tokens still to prefill, and its next logits."""
-
-    tokens: list[int]
-    max_new_tokens: int
-    params: SamplingParams
-    slot: int
-    generator: torch.Generator
-    pending: list[int]
-    position: int = 0
-    new_tokens: int = 0
-    logits: torch.Tensor | None = None
-    done: bool = False
-
-
-class Batch:
-    """Sequences generated together, one row each: every step samples a token for each row that has
-    logits, then runs all their new tokens through the model in one call (its weights read once for all).
-    A row joins and leaves between steps; its prompt is prefilled PREFILL_CHUNK tokens per step, the
-    oldest waiting row first. Rows never see each other: each has its own cache slot, positions,
-    settings and RNG, and the model's rows are computed independently, so with batch-invariant kernels
-    (the CPU int8 Linear) a row's text is the same whatever else runs. generate() is a batch of one.
-
-    Past the context, a row keeps the last half of its text and goes on from there (its last half is
-    prefilled again), as llama.cpp shifts its context: one prefill per half context, not per token."""
-
-    def __init__(self, model: GPT, max_rows: int) -> None:
-        self.model, self.max_rows = model, max_rows
-        self.cache = model.new_kv_cache(max_rows)
-        self.rows: list[Row] = []
-        self._free = list(range(max_rows))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def full(self) -> bool:
-        return not self._free
-
-    def add(self, tokens: list[int], max_new_tokens: int, params: SamplingParams) -> Row:
-        """A new row for a prompt's token ids (checked by generate() or the caller); it reads the last
-        block_size of them."""
-        if self.full:
-            raise RuntimeError(f"the batch is full ({self.max_rows} rows)")
-        generator = torch.Generator(device=self.model.device)
-        generator.manual_seed(params.seed)
-        window = tokens[-self.model.config.block_size :]
-        row = Row(list(tokens), max_new_tokens, params, self._free.pop(0), generator, pending=window)
-        self.rows.append(row)
-        return row
-
-    def remove(self, row: Row) -> None:
-        """Take a row out (finished, stopped or abandoned); its cache slot is free for the next."""
-        if row in self.rows:
-            self.rows.remove(row)
-            self._free.append(row.slot)
-            self._free.sort()
-        row.done = True
-
-    @torch.inference_mode()
-    def next_tokens(self) -> list[tuple[Row, int]]:
-        """Prefill one chunk of the oldest row still prefilling, then sample the next token of every row
-        with logits. Rows that end (end-of-text or max_new_tokens) leave the batch."""
-        prefilling = next((row for row in self.rows if row.pending), None)
-        if prefilling is not None:
-            chunk, prefilling.pending = prefilling.pending[:PREFILL_CHUNK], prefilling.pending[PREFILL_CHUNK:]
-            last = not prefilling.pending
-            logits = self._run([prefilling], [chunk], logits=last)
-            prefilling.position += len(chunk)
-            if last:
-                prefilling.logits = logits[0]
-        sampled = []
-        for row in [row for row in self.rows if row.logits is not None]:
-            params = row.params
-            token = sample_token(row.logits, params.temperature, params.top_k, params.top_p, row.generator)
-            row.logits, row.new_tokens = None, row.new_tokens + 1
-            row.tokens.append(token)
-            sampled.append((row, token))
-            if token == EOT_TOKEN or row.new_tokens >= row.max_new_tokens:
-                self.remove(row)
-        return sampled
-
-    @torch.inference_mode()
-    def advance(self) -> None:
-        """Run each row's newest token through the model in one call, giving every row its next logits;
-        a row whose context is full keeps its last half to prefill again instead."""
-        block_size = self.model.config.block_size
-        decoding = []
-        for row in self.rows:
-            if row.logits is not None or row.pending:
-                continue
-            if row.position < block_size:
-                decoding.append(row)
-            else:
-                row.pending, row.position = row.tokens[-(block_size // 2) :], 0
-        if decoding:
-            for row, logits in zip(decoding, self._run(decoding, [[row.tokens[-1]] for row in decoding]), strict=True):
-                row.logits, row.position = logits, row.position + 1
-
-    def _run(self, rows: list[Row], tokens: list[list[int]], logits: bool = True) -> torch.Tensor | None:
-        """Run each row's tokens at its position into its cache slot; each row's next logits, if asked for."""
-        idx = torch.tensor(tokens, device=self.model.device)
-        positions, slots = [row.position for row in rows], [row.slot for row in rows]
-        if not logits:
-            self.model.fill_cache(idx, self.cache, positions, slots)
-            return None
-        return self.model.next_token_logits(idx, self.cache, positions, slots).float()

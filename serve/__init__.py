@@ -1,11 +1,11 @@
-"""Serving ShakespeareGPT: loading a model for inference (device, precision, int8, CPU threads), checking
-requests and streaming completions. Front ends (app.py, bench/) use it; it builds on model/."""
+"""Serving ShakespeareGPT: loading a model for inference (device, precision, int8, CPU threads), what an app
+offers (policy), checking requests, batched decoding and streaming completions. Front ends (app.py, bench/)
+use it; it builds on model/."""
 
+from . import policy
 from .batching import MAX_BATCH, Scheduler
-from .inference import load_for_inference, precision_of, use_cpu_threads
-from .requests import (
+from .completions import (
     UPDATE_SECONDS,
-    ModelFacts,
     Request,
     RequestError,
     RunStats,
@@ -14,18 +14,21 @@ from .requests import (
     stream_completion,
     warm_up,
 )
+from .inference import load_for_inference, precision_of, use_cpu_threads
+from .model_facts import ModelFacts
 
 __all__ = [
     "MAX_BATCH",
-    "Scheduler",
     "UPDATE_SECONDS",
     "ModelFacts",
     "Request",
     "RequestError",
     "RunStats",
+    "Scheduler",
     "check_request",
     "crop_note",
     "load_for_inference",
+    "policy",
     "precision_of",
     "stream_completion",
     "use_cpu_threads",

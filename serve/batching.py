@@ -1,4 +1,4 @@
-"""Continuous batching: every running request is one row of a shared decoding step (model.sampling.Batch),
+"""Continuous batching: every running request is one row of a shared decoding step (decoding.DecodeBatch),
 driven by one thread that owns the model. Decoding is memory-bound, so a step for 8 rows costs little more
 than a step for one: the weights are read once for all of them.
 
@@ -15,7 +15,8 @@ from collections import deque
 from collections.abc import Iterator
 
 from model import GPT, SamplingParams
-from model.sampling import Batch, Row
+
+from .decoding import DecodeBatch, Row
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class TokenStream(Iterator[int]):
 
 
 class Scheduler:
-    """Runs every request's generation as a row of one Batch, max_batch rows at a time; requests beyond
+    """Runs every request's generation as a row of one DecodeBatch, max_batch rows at a time; requests beyond
     that wait in arrival order. generate() is a drop-in for model.generate: the same tokens for the same
     seed (bit-identical where the model's kernels are batch-invariant, as the CPU int8 path is),
     whatever else runs. The decoding runs in run(), on the thread that calls it, until close(); start()
@@ -70,7 +71,7 @@ class Scheduler:
             raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
         self.model, self.max_batch = model, max_batch
         model.eval()
-        self._batch = Batch(model, max_batch)
+        self._batch = DecodeBatch(model, max_batch)
         self._streams: dict[Row, TokenStream] = {}
         self._waiting: deque[TokenStream] = deque()
         self._changed = threading.Condition()

@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 
 from model import GPT
-from model.device import fast_dtype, pick_device
+from model.device import DTYPES, fast_dtype, pick_device
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZE = ("none", "int8")
 
 
@@ -112,7 +111,12 @@ class PackedBF16Linear(nn.Module):
 
 
 def onednn_bf16_supported() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether oneDNN can pack bf16 weights on this CPU: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which
+    many CPUs lack (AMD before Zen 4, Intel before Skylake-SP); elsewhere bf16 runs through F.linear."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")):
+        return False
+    return bool(ops._is_mkldnn_bf16_supported())
 
 
 def _replace_linears(model: GPT, make) -> GPT:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from serve.launch import app_env
 
 from model import GPT, GPTConfig, render_model_card
 from serve import launch
-from serve.launch import app_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

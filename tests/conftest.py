@@ -1,3 +1,5 @@
+"""Fixtures every test file may ask for. Nothing here is imported: a test names what it needs as an argument."""
+
 import time
 from pathlib import Path
 
@@ -5,34 +7,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DATA = SHARED / "data" / "input.txt"
 
 # The models under test are tiny: one thread avoids spin-waiting against other work on a 2-core
 # machine (a training run beside the tests made them 50x slower with two threads).
 torch.set_num_threads(1)
 
 
-def slow_steps(monkeypatch, seconds: float) -> None:
-    """Make every batched decoding step take at least `seconds`, so that a request runs long enough to be
-    seen leaving early (a reader closing it) rather than running out of tokens."""
-    from model.sampling import Batch
-
-    original = Batch.advance
-    monkeypatch.setattr(Batch, "advance", lambda self: (time.sleep(seconds), original(self)))
-
-
-def wait_until(condition, seconds: float = 1.0) -> bool:
-    """Whether condition() holds within `seconds` (polled every 5 ms)."""
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return condition()
-
-
-def perturb(module, seed: int = 0):
-    """Add noise to every parameter so biases and layer-norm weights are not their zero / one
-    initial values: a weight mapped to the wrong name or orientation then changes the logits."""
+def _perturb(module, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in module.parameters():
@@ -40,11 +21,56 @@ def perturb(module, seed: int = 0):
     return module.eval()
 
 
+@pytest.fixture(scope="session")
+def root() -> Path:
+    """The checkout the tests run from."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    """Tiny Shakespeare as the project ships it (the trainer's default --data)."""
+    return ROOT / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def perturb():
+    """perturb(module, seed=0): noise added to every parameter, so biases and layer-norm weights are not their
+    zero / one initial values: a weight mapped to the wrong name or orientation then changes the logits."""
+    return _perturb
+
+
+@pytest.fixture(scope="session")
+def wait_until():
+    """wait_until(condition, seconds=1.0): whether condition() holds within `seconds` (polled every 5 ms)."""
+
+    def wait(condition, seconds: float = 1.0) -> bool:
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return condition()
+
+    return wait
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """slow_steps(seconds): every batched decoding step takes at least `seconds`, so that a request runs long
+    enough to be seen leaving early (a reader closing it) rather than running out of tokens."""
+    from serve.decoding import DecodeBatch
+
+    def slow(seconds: float) -> None:
+        original = DecodeBatch.advance
+        monkeypatch.setattr(DecodeBatch, "advance", lambda self: (time.sleep(seconds), original(self)))
+
+    return slow
+
+
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory):
     """The first 30,000 characters of Tiny Shakespeare: about 30 steps per pass at 8 x 32."""
     path = tmp_path_factory.mktemp("data") / "small.txt"
-    path.write_text(DATA.read_text()[:30_000])
+    path.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:30_000])
     return path
 
 
@@ -62,7 +88,7 @@ def tiny_model(tiny_config):
     from model import GPT
 
     torch.manual_seed(0)
-    return perturb(GPT(tiny_config))
+    return _perturb(GPT(tiny_config))
 
 
 @pytest.fixture
@@ -79,6 +105,55 @@ def hf_gpt2():
             n_head=config.n_head,
         )
         torch.manual_seed(seed)
-        return perturb(GPT2LMHeadModel(hf_config), seed)
+        return _perturb(GPT2LMHeadModel(hf_config), seed)
 
     return build
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random model saved as a complete model folder (weights, config, tokenizer files, card, curve),
+    for the app to serve."""
+    from app_server import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def _make_varied(model):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("c_proj.weight") or name == "transformer.ln_f.weight":
+                param.mul_(10)
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_varied():
+    """make_varied(model): the residual projections and the final norm scaled, so a tiny random model's greedy
+    output depends on context and position instead of repeating one token (and its top logits are far enough
+    apart that float rounding never flips an argmax). Works on GPT and GPT2LMHeadModel."""
+    return _make_varied
+
+
+@pytest.fixture(scope="session")
+def greedy_by_recomputation():
+    """greedy_by_recomputation(model, prompt, max_new_tokens): the reference for cached decoding, without a
+    cache: the visible window through forward() at every step. The window is the prompt's last block_size
+    tokens; when a new token would overflow it, it restarts from the last half of the context (the newest
+    token included)."""
+
+    def greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+        block_size, tokens = model.config.block_size, list(prompt)
+        start = max(0, len(tokens) - block_size)
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits, _ = model(torch.tensor([tokens[start:]]))
+                tokens.append(int(logits[0, -1].argmax()))
+                if len(tokens) - start > block_size:
+                    start = len(tokens) - block_size // 2
+        return tokens[len(prompt) :]
+
+    return greedy
+
+
+# -- the trainer's tests (train/): fixtures shared by test_train.py, test_train_faults.py, test_semantics_train.py

@@ -9,21 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from app_server import ROOT, running_app, save_tiny_model
+from app_server import ROOT, running_app
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from launch import api_events, app_env, free_port, timed_generate
 
 from model import GPT, CheckpointError, GPTConfig, generate, load_tokenizer, stream_text
 from serve import load_for_inference, precision_of
-from serve.launch import api_events, app_env, free_port, timed_generate
 
 PARAMETERS = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"]
 BLOCK_SIZE = 64  # the tiny preset's context
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Batched decoding (model.sampling.Batch, serve.Scheduler): rows are independent (a seeded request gives
+"""Batched decoding (serve.decoding.DecodeBatch, serve.Scheduler): rows are independent (a seeded request gives
 the same tokens alone and beside others), join and leave between steps, prefill in chunks, and the
 scheduler frees the row of a request nobody reads."""
 
@@ -13,11 +13,9 @@ import torch
 
 from model import GPT, GPTConfig, SamplingParams, generate
 from model import sampling as sampling_module
-from model.sampling import Batch
 from serve import Scheduler
+from serve.decoding import DecodeBatch
 from serve.inference import int8_supported, quantize_int8
-from tests.conftest import ROOT, perturb, slow_steps, wait_until
-from tests.test_generate import make_varied
 
 # (prompt, max_new_tokens, settings) of requests that differ in every way a visitor can make them differ
 REQUESTS = [
@@ -33,7 +31,7 @@ REQUESTS = [
 
 
 @pytest.fixture(scope="module")
-def int8_model():
+def int8_model(perturb, make_varied):
     """A tiny GPT-2 (64-token context) served as the app serves on a CPU: int8 Linear layers."""
     if not int8_supported():
         pytest.skip("the batch-invariant CPU path is int8 (fbgemm), which this PyTorch build lacks")
@@ -108,7 +106,7 @@ def test_rows_logits_are_bit_identical_to_a_batch_of_one(int8_model):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rows_match_a_batch_of_one_within_rounding_in_float_precisions(dtype):
+def test_rows_match_a_batch_of_one_within_rounding_in_float_precisions(dtype, perturb, make_varied):
     """The path a GPU serves (bf16, plain Linear layers; never run on one here) and fp32: batched rows are
     not bit-identical to a row alone (other kernels for other shapes), but only rounding apart; a row that
     read another row's slot or position would be off by whole logits."""
@@ -124,7 +122,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(int8_model, mo
     """While a prompt of three chunks is prefilled, a running row gets a token at every step; the prompt's
     first token comes with its last chunk."""
     monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 8)
-    batch = Batch(int8_model, 4)
+    batch = DecodeBatch(int8_model, 4)
     running = batch.add([1, 2, 3], 50, SamplingParams(0.0, seed=0))
     assert [row for row, _ in batch.next_tokens()] == [running]  # a short prompt: prefilled and sampled at once
     batch.advance()
@@ -146,7 +144,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(int8_model, mo
 
 
 def test_finished_and_removed_rows_free_their_slots(int8_model):
-    batch = Batch(int8_model, 2)
+    batch = DecodeBatch(int8_model, 2)
     first = batch.add([5], 1, SamplingParams(0.0, seed=0))
     second = batch.add([6], 10, SamplingParams(0.0, seed=0))
     assert batch.full
@@ -162,10 +160,10 @@ def test_finished_and_removed_rows_free_their_slots(int8_model):
     assert third.slot == 0
 
 
-def test_a_closed_stream_leaves_at_the_next_step(int8_model, monkeypatch):
+def test_a_closed_stream_leaves_at_the_next_step(int8_model, monkeypatch, slow_steps, wait_until):
     """Closing a request's tokens (its reader went away) takes its row out within a step or two, long
     before its 200 tokens would have ended; then the scheduler is idle, not stepping an empty batch."""
-    slow_steps(monkeypatch, 0.02)
+    slow_steps(0.02)
     with Scheduler(int8_model, max_batch=4) as scheduler:
         stream = scheduler.generate([1, 2, 3], 200, SamplingParams(0.0, seed=0))
         next(stream)
@@ -175,7 +173,7 @@ def test_a_closed_stream_leaves_at_the_next_step(int8_model, monkeypatch):
         with pytest.raises(StopIteration):
             next(stream)
         steps = []
-        monkeypatch.setattr(Batch, "next_tokens", lambda self: steps.append(1) or [])
+        monkeypatch.setattr(DecodeBatch, "next_tokens", lambda self: steps.append(1) or [])
         time.sleep(0.2)
         assert steps == []
 
@@ -190,19 +188,19 @@ def test_requests_beyond_the_batch_wait_in_order(int8_model):
         assert len(list(second)) == 3
 
 
-def failing_step(batch: Batch) -> None:
-    """Batch.advance as a step that runs out of memory."""
+def failing_step(batch: DecodeBatch) -> None:
+    """DecodeBatch.advance as a step that runs out of memory."""
     raise MemoryError("out of memory")
 
 
 def test_a_failed_step_ends_its_requests_with_an_error_and_serving_goes_on(int8_model, monkeypatch, caplog):
     with Scheduler(int8_model, max_batch=2) as scheduler:
-        original = Batch.advance
-        monkeypatch.setattr(Batch, "advance", failing_step)
+        original = DecodeBatch.advance
+        monkeypatch.setattr(DecodeBatch, "advance", failing_step)
         with pytest.raises(RuntimeError, match="generation failed: out of memory"):
             list(scheduler.generate([1, 2], 5, SamplingParams(0.0, seed=0)))
         assert "a decoding step failed; ending the 1 requests in it" in caplog.messages
-        monkeypatch.setattr(Batch, "advance", original)
+        monkeypatch.setattr(DecodeBatch, "advance", original)
         assert len(list(scheduler.generate([1, 2], 5, SamplingParams(0.0, seed=0)))) == 5
 
 
@@ -265,7 +263,7 @@ def test_a_stream_read_past_its_end_or_its_error_stops_at_once(int8_model, monke
         finished = scheduler.generate([1, 2], 3, SamplingParams(0.0, seed=0))
         assert len(list(finished)) == 3
         assert next_from_a_thread(finished) is None
-        monkeypatch.setattr(Batch, "advance", failing_step)
+        monkeypatch.setattr(DecodeBatch, "advance", failing_step)
         failed = scheduler.generate([1, 2], 3, SamplingParams(0.0, seed=0))
         with pytest.raises(RuntimeError, match="out of memory"):
             list(failed)
@@ -298,7 +296,7 @@ def test_run_on_the_callers_thread_ends_when_another_thread_closes_it(int8_model
         list(stream)
 
 
-def test_a_program_that_never_closes_its_scheduler_still_exits(tmp_path):
+def test_a_program_that_never_closes_its_scheduler_still_exits(tmp_path, root):
     """The decoding thread is a daemon: a script that forgets close() ends when its main thread does."""
     script = tmp_path / "forgets_close.py"
     script.write_text(
@@ -306,6 +304,6 @@ def test_a_program_that_never_closes_its_scheduler_still_exits(tmp_path):
         "scheduler = Scheduler(GPT(GPTConfig.from_preset('tiny'))).start()\n"
         "print(len(list(scheduler.generate([1], 3, SamplingParams(0.0, seed=0)))))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this tree's packages, whatever is installed
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this tree's packages, whatever is installed
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
     assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from app_server import ROOT, running_app, save_tiny_model
+from app_server import ROOT, running_app
 
 from model import GPT, generate, load_tokenizer, stream_text
 
@@ -22,11 +22,6 @@ pytestmark = pytest.mark.skipif(
 
 def launch(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

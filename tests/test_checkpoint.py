@@ -1,5 +1,5 @@
-"""model/checkpoint.py (through GPT.from_pretrained / save_pretrained / push_to_hub): parity with
-transformers both ways, nanoGPT files, the Hub cache, errors."""
+"""model/loading.py, saving.py, hub.py and layout.py (through GPT.from_pretrained / save_pretrained /
+push_to_hub): parity with transformers both ways, nanoGPT files, the Hub cache, errors."""
 
 import dataclasses
 import json
@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import perturb
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
@@ -89,7 +88,7 @@ def test_gpt2model_checkpoint_without_transformer_prefix_loads(tiny_config, hf_g
 @pytest.mark.parametrize(
     "as_folder, bias", [(False, True), (True, True), (False, False)], ids=["file", "folder", "no-bias"]
 )
-def test_nanogpt_pt_checkpoint_loads_with_the_same_logits(tiny_config, tmp_path, as_folder, bias):
+def test_nanogpt_pt_checkpoint_loads_with_the_same_logits(tiny_config, perturb, tmp_path, as_folder, bias):
     config = dataclasses.replace(tiny_config, bias=bias)  # nanoGPT trains without biases by default
     torch.manual_seed(0)
     source = perturb(GPT(config))

@@ -12,38 +12,12 @@ PROMPT = [464, 3290, 373, 257]
 LONG_PROMPT = list(range(1000, 1020))  # longer than tiny_config's 16-token context
 
 
-def make_varied(model):
-    """Scale the residual projections and the final norm so a tiny random model's greedy output
-    depends on context and position instead of repeating one token (and its top logits are far
-    enough apart that float rounding never flips an argmax). Works on GPT and GPT2LMHeadModel."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("c_proj.weight") or name == "transformer.ln_f.weight":
-                param.mul_(10)
-    return model
-
-
-def greedy_by_recomputation(model: GPT, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """The reference, without a cache: the visible window through forward() at every step. The window
-    is the prompt's last block_size tokens; when a new token would overflow it, it restarts from the
-    last half of the context (the newest token included)."""
-    block_size, tokens = model.config.block_size, list(prompt)
-    start = max(0, len(tokens) - block_size)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits, _ = model(torch.tensor([tokens[start:]]))
-            tokens.append(int(logits[0, -1].argmax()))
-            if len(tokens) - start > block_size:
-                start = len(tokens) - block_size // 2
-    return tokens[len(prompt) :]
-
-
 @pytest.fixture
-def varied_model(tiny_model):
+def varied_model(tiny_model, make_varied):
     return make_varied(tiny_model)
 
 
-def test_greedy_matches_transformers_generate(hf_gpt2, tmp_path):
+def test_greedy_matches_transformers_generate(hf_gpt2, make_varied, tmp_path):
     config = GPTConfig.from_preset("tiny")  # 64 positions: transformers cannot go past n_positions
     hf = make_varied(hf_gpt2(config))
     hf.save_pretrained(tmp_path / "hf")
@@ -64,7 +38,7 @@ def test_greedy_matches_transformers_generate(hf_gpt2, tmp_path):
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT], ids=["short-prompt", "prompt-longer-than-context"])
-def test_kv_cache_matches_full_recomputation_across_the_context_limit(varied_model, prompt):
+def test_kv_cache_matches_full_recomputation_across_the_context_limit(varied_model, greedy_by_recomputation, prompt):
     block_size = varied_model.config.block_size
     max_new_tokens = 60  # several times the 16-token context
     assert len(prompt) + max_new_tokens > 3 * block_size
@@ -117,7 +91,7 @@ def test_sampling_leaves_the_global_rng_and_training_mode_alone(tiny_model):
     ],
     ids=["temperature-0.0", "temperature-int-0", "top_k-1", "top_k-1-hot", "top_p-tiny", "top_p-tiny-top_k-50"],
 )
-def test_degenerate_settings_are_greedy(varied_model, settings):
+def test_degenerate_settings_are_greedy(varied_model, greedy_by_recomputation, settings):
     expected = greedy_by_recomputation(varied_model, PROMPT, 30)
     assert list(generate(varied_model, PROMPT, 30, **settings)) == expected
 

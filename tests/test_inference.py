@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 from test_checkpoint import logits_of
-from test_generate import PROMPT, greedy_by_recomputation, make_varied
 
 from model import generate
 from serve import inference as inference_module
@@ -21,11 +20,13 @@ from serve.inference import (
     pick_precision,
 )
 
+PROMPT = [464, 3290, 373, 257]
+
 CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def saved(tiny_model, tmp_path):
+def saved(tiny_model, make_varied, tmp_path):
     return make_varied(tiny_model).save_pretrained(tmp_path / "saved")
 
 
@@ -47,7 +48,7 @@ def test_cpu_default_is_int8_weights_with_fp32_activations(saved):
     [(dict(quantize="int8"), False), (dict(dtype="bfloat16"), True)],
     ids=["int8", "bf16"],
 )
-def test_low_precision_keeps_the_predictions(saved, options, matches_recomputation):
+def test_low_precision_keeps_the_predictions(saved, options, matches_recomputation, greedy_by_recomputation):
     reference = load_for_inference(saved, device="cpu", quantize="none")
     model = load_for_inference(saved, device="cpu", **options)
     expected, got = (logits_of(m).float().log_softmax(-1) for m in (reference, model))

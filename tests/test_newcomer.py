@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 from app_server import ROOT, newcomer_env, running_app
-from conftest import DATA
 from gradio_client import Client
 
 from model import GPT, generate, load_tokenizer, stream_text
@@ -35,19 +34,11 @@ def test_the_app_serves_the_shipped_model_offline_from_an_empty_home(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_a_short_training_run_offline_loads_in_transformers(tmp_path):
+    """With no --data the trainer reads the Tiny Shakespeare the project ships: nothing is downloaded."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     env = newcomer_env(tmp_path / "home")
-    data = tmp_path / "text.txt"
-    data.write_text(DATA.read_text()[:20_000])
-    command = [
-        sys.executable,
-        str(ROOT / "train" / "train.py"),
-        "--data",
-        str(data),
-        "--out-dir",
-        str(tmp_path / "out"),
-    ]
+    command = [sys.executable, str(ROOT / "train" / "train.py"), "--out-dir", str(tmp_path / "out")]
     command += [
         "--model",
         "tiny",
@@ -63,6 +54,7 @@ def test_a_short_training_run_offline_loads_in_transformers(tmp_path):
     command += ["--eval-interval", "3", "--log-interval", "3", "--warmup-steps", "2", "--eval-batches", "1"]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
+    assert "338,025 tokens" in result.stderr  # the whole shipped text
     latest = tmp_path / "out" / "latest"
     assert f"python app.py --model {tmp_path / 'out' / 'best'}" in result.stdout
 

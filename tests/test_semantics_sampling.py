@@ -9,6 +9,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from model import generate
 from model.sampling import SamplingError, SamplingParams, checked_number, sample_token
+from serve import policy
 
 PROMPT = [464, 3290, 373, 257]
 VOCAB = 12
@@ -27,6 +28,7 @@ def reference_logits(logits: torch.Tensor, temperature: float, top_k: int | None
 
 def draw(logits: torch.Tensor, temperature: float, top_k, top_p, seed: int = 0, draws: int = DRAWS) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
+    top_k, top_p = top_k or 0, 1.0 if top_p is None else top_p  # this file writes "off" as None; the API as 0 / 1
     tokens = [sample_token(logits, temperature, top_k, top_p, generator) for _ in range(draws)]
     return torch.bincount(torch.tensor(tokens), minlength=len(logits)).double() / draws
 
@@ -130,7 +132,7 @@ def test_bf16_logits_of_a_large_vocabulary_can_draw_every_token():
     first of each run could ever be drawn."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.zeros(4096, dtype=torch.bfloat16)
-    tokens = torch.tensor([sample_token(logits, 1.0, None, None, generator) for _ in range(2000)])
+    tokens = torch.tensor([sample_token(logits, 1.0, 0, 1.0, generator) for _ in range(2000)])
     assert 0.45 < (tokens >= 2048).float().mean() < 0.55
     assert len(set(tokens[tokens >= 2048].tolist())) > 600  # ~790 distinct of 2,048 expected; 128 in bf16
 
@@ -152,32 +154,40 @@ def test_top_k_of_the_whole_vocabulary_or_more_is_off():
         assert_distribution(draw(logits, 1.0, top_k, top_p, seed=1), expected)
 
 
-@pytest.mark.parametrize("top_k, top_p", [(None, None), (5, None), (None, 0.9), (5, 0.9)])
-def test_a_tiny_temperature_is_greedy_never_nan(top_k, top_p):
-    """Temperature 1e-40 gives the argmax (never a NaN or a crash), whatever the filters."""
+TINY_TEMPERATURES = [1e-300, 1e-45, 1e-40, 1e-38, 5e-324, torch.finfo(torch.float32).tiny / 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.9), (5, 0.9)])
+def test_a_temperature_too_small_for_the_dtype_is_greedy_never_nan(dtype, top_k, top_p):
+    """A temperature below the logits' dtype's smallest normal number (zero or subnormal there) gives the
+    argmax, never a NaN or a crash, whatever the filters."""
     generator = torch.Generator().manual_seed(0)
-    for seed in range(20):
-        logits = torch.randn(50, generator=torch.Generator().manual_seed(seed)) * 3
-        assert sample_token(logits, 1e-40, top_k, top_p, generator) == int(logits.argmax())
+    for seed in range(10):
+        logits = (torch.randn(50, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+        for temperature in TINY_TEMPERATURES:
+            assert sample_token(logits, temperature, top_k, top_p, generator) == int(logits.argmax()), temperature
 
 
-def test_a_tiny_temperature_shares_ties():
-    """Tied best logits at temperature 1e-40 are drawn about evenly, others never."""
+def test_the_smallest_normal_temperature_still_samples_and_shares_ties():
+    """At the dtype's smallest normal temperature the logits are divided, so tied best logits share the draws
+    (about evenly) and others never come."""
     logits = torch.tensor([1.0, 3.0, 3.0, 0.0, 2.999])
-    frequencies = draw(logits, 1e-40, None, None, draws=1000)
+    frequencies = draw(logits, torch.finfo(torch.float32).tiny, None, None, draws=1000)
     assert_distribution(frequencies, torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0], dtype=torch.float64), draws=1000)
 
 
-def test_a_tiny_temperature_generates_the_greedy_tokens(tiny_model):
-    """generate() at temperature 1e-40 matches temperature 0."""
+@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
+def test_a_tiny_temperature_generates_the_greedy_tokens(tiny_model, temperature):
+    """generate() at a temperature too small for fp32 (as small as 1e-300) matches temperature 0."""
     greedy = list(generate(tiny_model, PROMPT, 12, temperature=0))
-    assert list(generate(tiny_model, PROMPT, 12, temperature=1e-40, seed=4)) == greedy
+    assert list(generate(tiny_model, PROMPT, 12, temperature=temperature, seed=4)) == greedy
 
 
 def test_greedy_settings_return_the_argmax_without_drawing():
     """Temperature 0 and top_k 1 return the argmax and leave the generator untouched."""
     logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
-    for temperature, top_k in [(0, None), (0.0, 5), (1.0, 1), (50.0, 1)]:
+    for temperature, top_k in [(0, 0), (0.0, 5), (1.0, 1), (50.0, 1)]:
         generator = torch.Generator().manual_seed(9)
         state = generator.get_state()
         assert sample_token(logits, temperature, top_k, 0.5, generator) == 1
@@ -213,20 +223,26 @@ def test_n_tokens_take_n_forward_passes(tiny_model, monkeypatch):
     """A prefill then one step per further token: no forward pass after the last token or an end-of-text."""
     calls = []
     original = tiny_model.next_token_logits
-    monkeypatch.setattr(tiny_model, "next_token_logits", lambda *args: calls.extend(args[2]) or original(*args))
+    monkeypatch.setattr(tiny_model, "next_token_logits", lambda *args: calls.append(args[2]) or original(*args))
     assert len(list(generate(tiny_model, PROMPT, 6, temperature=0))) == 6
     assert calls == [0, 4, 5, 6, 7, 8]  # the input positions: the prompt at 0, then each new token after it
     calls.clear()
     assert len(list(generate(tiny_model, PROMPT, 1, temperature=0))) == 1 and calls == [0]
 
 
-def test_generate_defaults_to_temperature_1_unfiltered(tiny_model):
-    """generate()'s defaults sample at temperature 1 with no top-k or top-p."""
+def test_generate_defaults_are_sampling_params_defaults(tiny_model):
+    """generate()'s defaults are SamplingParams' (temperature 0.8, no top-k or top-p), and off is 0 / 1 only."""
     with torch.no_grad():
         tiny_model.transformer.ln_f.weight.mul_(30)  # logits far enough apart for the temperature to show
     default = list(generate(tiny_model, PROMPT, 8, seed=5))
-    assert default == list(generate(tiny_model, PROMPT, 8, temperature=1.0, top_k=0, top_p=1.0, seed=5))
+    assert default == list(generate(tiny_model, PROMPT, 8, params=SamplingParams(seed=5)))
+    assert default == list(generate(tiny_model, PROMPT, 8, temperature=0.8, top_k=0, top_p=1.0, seed=5))
     assert default != list(generate(tiny_model, PROMPT, 8, temperature=2.0, seed=5))
+    for off in (dict(top_k=None), dict(top_p=None)):
+        with pytest.raises(SamplingError):
+            generate(tiny_model, PROMPT, 8, **off)
+    with pytest.raises(TypeError, match="not both"):
+        generate(tiny_model, PROMPT, 8, params=SamplingParams(seed=5), seed=5)
 
 
 def test_prompt_ids_cover_the_whole_vocabulary(tiny_model):
@@ -240,11 +256,11 @@ def test_prompt_ids_cover_the_whole_vocabulary(tiny_model):
 
 
 def test_defaults_and_off_values():
-    """The defaults: temperature 0.8, top_k 0 (off), top_p 1 (off); generate()'s None means off."""
+    """The defaults: temperature 0.8, top_k 0 (off), top_p 1 (off); what the app serves and starts from."""
     params = SamplingParams(seed=1)
     assert (params.temperature, params.top_k, params.top_p, params.seed) == (0.8, 0, 1.0, 1)
-    assert SamplingParams.DEFAULT_TOP_K == 50
-    assert SamplingParams.SERVED == {"temperature": (0.0, 2.0), "top_k": (0, 200), "top_p": (0.05, 1.0)}
+    assert policy.default_params(seed=1) == SamplingParams(0.8, 50, 1.0, 1)
+    assert policy.SERVED_RANGES == {"temperature": (0.0, 2.0), "top_k": (0, 200), "top_p": (0.05, 1.0)}
 
 
 @pytest.mark.parametrize(
@@ -332,24 +348,24 @@ def test_sampling_params_accept_their_range_ends():
     ],
 )
 def test_served_ranges_are_enforced_with_their_message(changes, message):
-    """SamplingParams.served refuses values outside SERVED, saying the served range."""
+    """policy.params_from_request refuses values outside SERVED_RANGES, saying the served range."""
     settings = dict(temperature=0.8, top_k=50, top_p=1.0, seed=1) | changes
     with pytest.raises(SamplingError) as error:
-        SamplingParams.served(**settings)
+        policy.params_from_request(**settings)
     assert str(error.value).startswith(message)
 
 
 def test_served_accepts_its_range_ends_and_random_seeds():
-    """served() accepts both ends of each range; None, -1 and -1.0 draw a random seed, 0 is seed 0."""
-    low = SamplingParams.served(0, 0, 0.05, 0)
-    high = SamplingParams.served(2, 200, 1, SamplingParams.SEED_MAX)
+    """params_from_request accepts both ends of each range; None, -1 and -1.0 draw a random seed, 0 is seed 0."""
+    low = policy.params_from_request(0, 0, 0.05, 0)
+    high = policy.params_from_request(2, 200, 1, SamplingParams.SEED_MAX)
     assert (low.temperature, low.top_k, low.top_p, low.seed) == (0.0, 0, 0.05, 0)
     assert (high.temperature, high.top_k, high.top_p, high.seed) == (2.0, 200, 1.0, 2**63 - 1)
     for seed in (None, -1, -1.0):
-        assert len({SamplingParams.served(1, 1, 1, seed).seed for _ in range(4)}) == 4
+        assert len({policy.params_from_request(1, 1, 1, seed).seed for _ in range(4)}) == 4
 
 
-# -- serve/requests.py: the request checks in front of the sampler
+# -- serve/completions.py: the request checks in front of the sampler
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +389,7 @@ class CountingTokenizer:
 def test_check_prompt_encodes_with_the_tokenizer_given_or_gpt2():
     """check_prompt returns the prompt's ids from the tokenizer given, else GPT-2's."""
     from model import load_tokenizer
-    from serve.requests import check_prompt
+    from serve.completions import check_prompt
 
     tokenizer = CountingTokenizer()
     assert check_prompt("ROMEO:", tokenizer) == [ord(c) for c in "ROMEO:"] and tokenizer.calls == 1
@@ -397,7 +413,7 @@ def test_check_prompt_encodes_with_the_tokenizer_given_or_gpt2():
 )
 def test_check_prompt_refuses_with_the_exact_message(prompt, message):
     """Non-text, blank and over-long prompts are refused, saying what is allowed."""
-    from serve.requests import RequestError, check_prompt
+    from serve.completions import RequestError, check_prompt
 
     with pytest.raises(RequestError) as error:
         check_prompt(prompt, CountingTokenizer())
@@ -406,7 +422,7 @@ def test_check_prompt_refuses_with_the_exact_message(prompt, message):
 
 def test_check_prompt_accepts_the_longest_prompt():
     """A prompt of exactly MAX_PROMPT_CHARS characters is accepted."""
-    from serve.requests import MAX_PROMPT_CHARS, check_prompt
+    from serve.completions import MAX_PROMPT_CHARS, check_prompt
 
     assert MAX_PROMPT_CHARS == 100_000
     assert len(check_prompt("a" * MAX_PROMPT_CHARS, CountingTokenizer())) == MAX_PROMPT_CHARS
@@ -414,7 +430,7 @@ def test_check_prompt_accepts_the_longest_prompt():
 
 def test_check_request_builds_the_request(tiny_gpt):
     """check_request returns the prompt, its ids, the model's context, max_new_tokens and served params."""
-    from serve.requests import check_request
+    from serve.completions import check_request
 
     tokenizer = CountingTokenizer()
     request = check_request(tiny_gpt, "ROMEO:", 64.0, 1.5, 7, 0.5, 3, tokenizer=tokenizer)
@@ -439,7 +455,7 @@ def test_check_request_builds_the_request(tiny_gpt):
 )
 def test_check_request_refuses_each_setting_with_its_message(tiny_gpt, changes, message):
     """Each out-of-range request setting is refused with a message naming it and its served range."""
-    from serve.requests import RequestError, check_request
+    from serve.completions import RequestError, check_request
 
     arguments = dict(prompt="ROMEO:", max_new_tokens=10, temperature=0.8, top_k=50, top_p=1.0, seed=1) | changes
     with pytest.raises(RequestError) as error:

@@ -1,4 +1,5 @@
-"""serve/requests.py: request checks, the streamed completion and its figures, the model's facts."""
+"""serve/completions.py and serve/model_facts.py: request checks, the streamed completion and its figures,
+the model's facts."""
 
 import math
 
@@ -7,7 +8,6 @@ import torch
 
 from model import GPT, GPTConfig, SamplingParams, generate, load_tokenizer, render_model_card, stream_text
 from serve import ModelFacts, RequestError, Scheduler, check_request, stream_completion
-from tests.conftest import slow_steps, wait_until
 
 SEED_MAX = SamplingParams.SEED_MAX
 
@@ -88,10 +88,10 @@ def test_updates_are_coalesced_but_the_first_token_is_shown_at_once(tiny, schedu
     assert rare[0][0] == every[0][0] and rare[1][0] == every[1][0] and rare[-1][0] == every[-1][0]
 
 
-def test_updates_thin_out_while_many_requests_run(tiny, scheduler, monkeypatch):
+def test_updates_thin_out_while_many_requests_run(tiny, scheduler, monkeypatch, slow_steps):
     """All streams together update at most 40 times a second: with 400 requests running one stream shows
     only the prompt, its first token (at once) and the end; alone it updates every 25 ms (steps of 10 ms)."""
-    slow_steps(monkeypatch, 0.01)
+    slow_steps(0.01)
     checked = request(tiny, max_new_tokens=15, temperature=0)
     monkeypatch.setattr(Scheduler, "running", property(lambda self: 400))
     busy = [stats.new_tokens for _, stats in stream_completion(scheduler, checked, update_seconds=0.001)]
@@ -127,10 +127,10 @@ def test_a_broken_model_card_leaves_the_losses_unrecorded(tiny, tmp_path):
     assert "not recorded" in dict(ModelFacts.of(tiny, tmp_path).rows())["held-out loss"]
 
 
-def test_closing_the_completion_frees_its_row(tiny, monkeypatch):
+def test_closing_the_completion_frees_its_row(tiny, monkeypatch, slow_steps, wait_until):
     """A reader that stops reading (Gradio closes the generator on Stop or a disconnect) takes its request
     out of the batch at once, not when its tokens would have run out."""
-    slow_steps(monkeypatch, 0.05)  # 64 tokens: 3 s
+    slow_steps(0.05)  # 64 tokens: 3 s
     with Scheduler(tiny) as scheduler:
         completion = stream_completion(scheduler, request(tiny, max_new_tokens=64), update_seconds=0)
         next(completion), next(completion)  # the prompt, then the first token

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 
 from model import PRESETS as MODEL_PRESETS
 from model import GPTConfig
+from model.device import DTYPES
 
 
 def flag(default, help: str, **metadata):
@@ -155,7 +156,7 @@ class TrainConfig:
         check(self.grad_clip >= 0, "grad_clip", "greater than 0, or 0 for no clipping")
         check(self.target_loss >= 0, "target_loss", "0 or more")
         check(self.max_minutes >= 0, "max_minutes", "0 (no limit) or more")
-        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16")
+        check(self.dtype in ("auto", *DTYPES), "dtype", f"auto or one of {', '.join(DTYPES)}")
         check(self.compile in ("auto", "true", "false"), "compile", "auto, true or false")
         check(not self.push_to_hub or self.push_to_hub.count("/") == 1, "push_to_hub", "a repo id like user/repo")
         check(not (self.resume and self.restart), "restart", "off with --resume")

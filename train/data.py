@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from model import EOT_TOKEN, load_tokenizer
-from model.checkpoint import atomic_write
+from model.saving import atomic_write
 
 log = logging.getLogger("train")
 

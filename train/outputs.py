@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from model import GPT
-from model.checkpoint import UPLOAD_FILES, atomic_write
+from model.hub import UPLOAD_FILES
+from model.saving import atomic_write
 
 log = logging.getLogger("train")
 

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script (`python train/train.py`, SageM
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from model.checkpoint import CheckpointError  # noqa: E402
+from model.layout import CheckpointError  # noqa: E402
 from model.tokenizer import TokenizerError  # noqa: E402
 from train import outputs  # noqa: E402
 from train.config import TrainConfig, parse_args, resumed_config  # noqa: E402

@@ -15,9 +15,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import GPT, SamplingParams, generate, load_tokenizer, render_model_card, stream_text
-from model.checkpoint import CheckpointError, atomic_write, load_checkpoint, upload_folder
-from model.sampling import EXAMPLE_PROMPTS
+from model import GPT, generate, load_tokenizer, render_model_card, stream_text
+from model.hub import upload_folder
+from model.layout import CheckpointError
+from model.loading import load_checkpoint, load_weights
+from model.saving import atomic_write
+from serve.policy import EXAMPLE_PROMPTS, default_params
 
 from . import outputs
 from .config import TrainConfig
@@ -49,7 +52,7 @@ def build_model(config: TrainConfig) -> GPT:
     except CheckpointError as err:
         raise DataError(f"--init {config.init}: {err}") from err
     model = GPT(dataclasses.replace(shape, dropout=config.dropout))
-    model.load_state_dict(state_dict)
+    load_weights(model, state_dict)
     return model
 
 
@@ -212,7 +215,7 @@ class Trainer:
 
     def samples(self) -> dict[str, str]:
         out = {}
-        params = SamplingParams(top_k=SamplingParams.DEFAULT_TOP_K, seed=self.config.seed)  # the app's defaults
+        params = default_params(seed=self.config.seed)  # what the app starts from
         for prompt in EXAMPLE_PROMPTS:
             ids = generate(self.model, self.tokenizer.encode(prompt), self.config.sample_tokens, params=params)
             out[prompt] = prompt + "".join(stream_text(ids, self.tokenizer))

@@ -1,36 +1,25 @@
-"""Serving text to callers: request checks, the streamed completion with its timing, and the
-facts about a loaded model that an app shows. No UI here: any front end can use it."""
+"""Serving text to callers: request checks and the streamed completion with its timing. No UI here: any
+front end can use it."""
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from model import (
-    EOT_TOKEN,
-    GPT,
-    SamplingParams,
-    checkpoint,
-    generate,
-    load_tokenizer,
-    read_model_card_metrics,
-    stream_text,
-)
-from model.card import CARD_NAME, CardError
-from model.sampling import SamplingError, checked_number
+from model import EOT_TOKEN, GPT, SamplingError, SamplingParams, generate, load_tokenizer, stream_text
+from model.sampling import checked_number
 from model.tokenizer import TextEncoding
 
 from .batching import Scheduler
-from .inference import precision_of
-
-log = logging.getLogger(__name__)
+from .policy import params_from_request
 
 MAX_PROMPT_CHARS = 100_000  # far beyond any context; bounds the tokenizer's work per request
-RequestError = SamplingError  # a request the caller has to change; the message says what is allowed
+
+
+class RequestError(ValueError):
+    """A request the caller has to change; the message says what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +68,15 @@ def check_request(
 ) -> Request:
     """Check every parameter as a caller may send it (any JSON value) and return the request to run;
     raise RequestError saying what is allowed. The sampling settings are checked by
-    SamplingParams.served (top_k 0 is off; a seed of None or -1 draws a random one, recorded)."""
+    policy.params_from_request (top_k 0 is off; a seed of None or -1 draws a random one, recorded)."""
     block_size = model.config.block_size
     prompt_ids = check_prompt(prompt, tokenizer)
     allowed = f"a whole number from 1 to {block_size}"
-    max_new_tokens = checked_number("max_new_tokens", max_new_tokens, 1, block_size, allowed, whole=True)
-    params = SamplingParams.served(temperature, top_k, top_p, seed)
+    try:
+        max_new_tokens = checked_number("max_new_tokens", max_new_tokens, 1, block_size, allowed, whole=True)
+        params = params_from_request(temperature, top_k, top_p, seed)
+    except SamplingError as err:
+        raise RequestError(str(err)) from None
     return Request(prompt, prompt_ids, block_size, max_new_tokens, params)
 
 
@@ -170,62 +162,3 @@ def warm_up(model: GPT) -> None:
     """Run one short generation so the first caller does not pay for first-call set-up."""
     for _ in generate(model, [EOT_TOKEN], 2, temperature=0):
         pass
-
-
-def _card_metrics(folder: Path) -> dict:
-    try:
-        return read_model_card_metrics(folder)
-    except CardError as err:  # a hand-edited card must not stop the model being served
-        log.warning("could not read the training metrics in %s: %s", folder / CARD_NAME, err)
-        return {}
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """Where a loaded model came from and what its model card says about it."""
-
-    source: str
-    location: Path
-    parameters: int
-    shape: str
-    precision: str
-    metrics: dict
-    loss_curve: Path | None
-
-    @classmethod
-    def of(cls, model: GPT, source: str | Path) -> ModelFacts:
-        path = checkpoint.resolve(source)
-        folder = path if path.is_dir() else path.parent
-        curve = folder / "loss_curve.png"
-        config = model.config
-        return cls(
-            source=str(source),
-            location=path.resolve(),
-            parameters=model.num_parameters(),
-            shape=f"{config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "
-            f"context {config.block_size} tokens",
-            precision=precision_of(model),
-            metrics=_card_metrics(folder),
-            loss_curve=curve if curve.is_file() else None,
-        )
-
-    def rows(self) -> list[tuple[str, str]]:
-        """(label, value) pairs to show; losses say when the model card does not record them."""
-
-        def loss(key: str) -> str:
-            value = self.metrics.get(key)
-            return f"{value:.4f}" if isinstance(value, (int, float)) else "not recorded in the model card"
-
-        rows = [
-            ("weights", f"{self.source} ({self.location})" if str(self.location) != self.source else self.source),
-            ("parameters", f"{self.parameters:,}"),
-            ("shape", self.shape),
-            ("precision", self.precision),
-            ("train loss", loss("train_loss")),
-            ("held-out loss", loss("val_loss")),
-        ]
-        for key in ("steps", "tokens", "hardware", "train_minutes"):
-            if key in self.metrics:
-                value = self.metrics[key]
-                rows.append((key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value)))
-        return rows
