@@ -8,12 +8,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import launch
 import torch
+from launch import app_env
 from PIL import Image
-from serve.launch import app_env
 
 from model import GPT, GPTConfig, render_model_card
-from serve import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
