@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
@@ -58,13 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(
-    scheduler: serve.Scheduler, facts: serve.ModelFacts, update_seconds: float = serve.UPDATE_SECONDS
-) -> gr.Blocks:
-    tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
+def generation_handler(scheduler: serve.Scheduler, tokenizer, update_seconds: float, blocks: Callable[[], gr.Blocks]):
+    """The /generate function: checks a request, streams its completion, and stops it when nobody reads it."""
     model = scheduler.model
-    block_size = model.config.block_size
-    defaults, served = policy.default_params(seed=0), policy.SERVED_RANGES
 
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, visitor: gr.Request):
         """Stream the prompt followed by its continuation. temperature 0 is greedy; top_k 0 and
@@ -77,11 +74,41 @@ def build(
         if request.cropped:
             gr.Warning(serve.crop_note(request))
         for text, stats in serve.stream_completion(scheduler, request, tokenizer, update_seconds):
-            if guards.unread_updates(demo, visitor.session_hash) > guards.UNREAD_LIMIT:  # a /call/ nobody reads
+            if guards.unread_updates(blocks(), visitor.session_hash) > guards.UNREAD_LIMIT:  # a /call/ nobody reads
                 log.info("stopped a generation after %d tokens: nobody reads its result", stats.new_tokens)
                 return
             yield text, stats.summary()
 
+    return generate
+
+
+def sampling_controls(block_size: int) -> list[gr.components.Component]:
+    """The sliders and the seed box, in /generate's parameter order after the prompt, starting from the app's
+    defaults and bounded by the served ranges."""
+    defaults, served = policy.default_params(seed=0), policy.SERVED_RANGES
+    return [
+        gr.Slider(1, block_size, value=min(200, block_size), step=1, label="Max new tokens", elem_id="max-new-tokens"),
+        gr.Slider(
+            *served["temperature"], value=defaults.temperature, step=0.05, label="Temperature", info="0 = greedy"
+        ),
+        gr.Slider(*served["top_k"], value=defaults.top_k, step=1, label="Top-k", info="0 = off"),
+        gr.Slider(*served["top_p"], value=defaults.top_p, step=0.05, label="Top-p", info="1 = off"),
+        gr.Number(value=policy.RANDOM_SEED, precision=0, label="Seed", info="blank or -1 = random", elem_id="seed"),
+    ]
+
+
+def model_panel(facts: serve.ModelFacts) -> None:
+    with gr.Accordion("Model", open=True):
+        gr.Markdown("".join(f"- **{k}**: {v}\n" for k, v in facts.rows()), elem_id="model-facts")
+        if facts.loss_curve:
+            gr.Image(str(facts.loss_curve), label="Loss curve", buttons=["fullscreen", "download"])
+
+
+def build(
+    scheduler: serve.Scheduler, facts: serve.ModelFacts, update_seconds: float = serve.UPDATE_SECONDS
+) -> gr.Blocks:
+    tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
+    generate = generation_handler(scheduler, tokenizer, update_seconds, lambda: demo)
     with gr.Blocks(title="ShakespeareGPT") as demo:
         gr.Markdown("# ShakespeareGPT\nA GPT-2 trained on Tiny Shakespeare. Give it a line and it writes on.")
         with gr.Row():
@@ -95,39 +122,17 @@ def build(
                     label="Prompt + continuation", lines=14, interactive=False, buttons=["copy"], elem_id="output"
                 )
                 stats = gr.Markdown(elem_id="stats")
-                gr.Examples(
-                    [[e] for e in policy.EXAMPLE_PROMPTS],
-                    inputs=[prompt],
-                    cache_examples=False,
-                    api_visibility="private",
-                )
+                examples = [[e] for e in policy.EXAMPLE_PROMPTS]
+                gr.Examples(examples, inputs=[prompt], cache_examples=False, api_visibility="private")
             with gr.Column(scale=2):
-                max_new_tokens = gr.Slider(
-                    1, block_size, value=min(200, block_size), step=1, label="Max new tokens", elem_id="max-new-tokens"
-                )
-                temperature = gr.Slider(
-                    *served["temperature"],
-                    value=defaults.temperature,
-                    step=0.05,
-                    label="Temperature",
-                    info="0 = greedy",
-                )
-                top_k = gr.Slider(*served["top_k"], value=defaults.top_k, step=1, label="Top-k", info="0 = off")
-                top_p = gr.Slider(*served["top_p"], value=defaults.top_p, step=0.05, label="Top-p", info="1 = off")
-                seed = gr.Number(
-                    value=policy.RANDOM_SEED, precision=0, label="Seed", info="blank or -1 = random", elem_id="seed"
-                )
-                with gr.Accordion("Model", open=True):
-                    gr.Markdown("".join(f"- **{k}**: {v}\n" for k, v in facts.rows()), elem_id="model-facts")
-                    if facts.loss_curve:
-                        gr.Image(str(facts.loss_curve), label="Loss curve", buttons=["fullscreen", "download"])
+                settings = sampling_controls(scheduler.model.config.block_size)
+                model_panel(facts)
 
         run_stats = gr.State("")
-        inputs = [prompt, max_new_tokens, temperature, top_k, top_p, seed]
         # Raw values reach generate(), which checks them itself: the API sees exactly what callers sent.
         run = generate_button.click(
             generate,
-            inputs,
+            [prompt, *settings],
             [output, run_stats],
             api_name="generate",
             preprocess=False,
