@@ -11,7 +11,7 @@ streamed bytes arrive):
 - the time to the first token of a client arriving while 8 others stream.
 Then, in-process on the same device, how many seeded answers are identical alone and in a batch of 8, for
 each precision it offers (int8 on the CPU only).
-Goals (issue 12): 8 clients >= 4x one client's aggregate, each >= 45% of one alone; first token
+Goals: 8 clients >= 4x one client's aggregate, each >= 45% of one alone; first token
 <= 0.5 s while 8 stream; every int8 answer identical.
 """
 

@@ -4,6 +4,8 @@ context shift, the same draw), so a seeded row gives generate()'s tokens where t
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +35,23 @@ class Row:
 class DecodeBatch:
     """Sequences generated together, one row each: every step samples a token for each row that has
     logits, then runs all their new tokens through the model in one call (its weights read once for all).
-    A row joins and leaves between steps; its prompt is prefilled one chunk (model.sampling.prompt_chunks) per
-    step, the oldest waiting row first. Rows never see each other: each has its own cache slot, positions,
+    A row joins and leaves between steps; its prompt is prefilled one chunk (model.sampling.prompt_chunks) at a
+    step, the row with the least left to prefill first, so a short prompt is not held up behind a long one.
+    While other rows decode, prefill gets at most half of the time: after a chunk, steps decode only until
+    they have taken as long as the chunk did (a prompt whose rest is at most SHORT_PREFILL tokens is
+    prefilled at once, whatever that debt). Rows never see each other: each has its own cache slot, positions,
     settings and RNG, and the model's rows are computed independently, so with batch-invariant kernels
     (the CPU int8 Linear) a row's text is the same whatever else runs. Past the context, a row goes on from
     its last half (model.sampling.kept_after_shift)."""
 
-    def __init__(self, model: GPT, max_rows: int) -> None:
-        self.model, self.max_rows = model, max_rows
+    SHORT_PREFILL = 32  # tokens: about as costly as a decoding step of a full batch
+
+    def __init__(self, model: GPT, max_rows: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.model, self.max_rows, self.clock = model, max_rows, clock
         self.cache = model.new_kv_cache(max_rows)
         self.rows: list[Row] = []
         self._free = list(range(max_rows))
+        self.prefill_debt = 0.0  # seconds of prefill that decoding rows have not yet had back
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -72,12 +80,26 @@ class DecodeBatch:
             self._free.sort()
         row.done = True
 
+    def _next_to_prefill(self) -> Row | None:
+        """The row whose prompt chunk runs this step: the one with the least left to prefill, unless rows are
+        decoding and are owed time (then only a prompt short enough to cost about a step may go)."""
+        waiting = [row for row in self.rows if row.pending]
+        if not waiting:
+            return None
+        shortest = min(waiting, key=lambda row: len(row.pending))  # the oldest among equals
+        if all(row.pending for row in self.rows):  # nobody decodes: nobody is owed time
+            self.prefill_debt = 0.0
+        elif self.prefill_debt > 0 and len(shortest.pending) > self.SHORT_PREFILL:
+            return None
+        return shortest
+
     @torch.inference_mode()
     def next_tokens(self) -> list[tuple[Row, int]]:
-        """Prefill one chunk of the oldest row still prefilling, then sample the next token of every row
-        with logits. Rows that end (end-of-text or max_new_tokens) leave the batch."""
-        prefilling = next((row for row in self.rows if row.pending), None)
+        """Prefill one chunk of a row still prefilling (_next_to_prefill), then sample the next token of every
+        row with logits. Rows that end (end-of-text or max_new_tokens) leave the batch."""
+        prefilling = self._next_to_prefill()
         if prefilling is not None:
+            started = self.clock()
             chunk = prompt_chunks(prefilling.pending)[0]
             prefilling.pending = prefilling.pending[len(chunk) :]
             last = not prefilling.pending
@@ -85,6 +107,8 @@ class DecodeBatch:
             prefilling.position += len(chunk)
             if last:
                 prefilling.logits = logits[0]
+            if any(not row.pending and row is not prefilling for row in self.rows):
+                self.prefill_debt += self.clock() - started
         sampled = []
         for row in [row for row in self.rows if row.logits is not None]:
             token = draw(row.logits, row.params, row.generator)
@@ -109,8 +133,10 @@ class DecodeBatch:
             else:
                 row.pending, row.position = kept_after_shift(row.tokens, block_size), 0
         if decoding:
+            started = self.clock()
             for row, logits in zip(decoding, self._run(decoding, [[row.tokens[-1]] for row in decoding]), strict=True):
                 row.logits, row.position = logits, row.position + 1
+            self.prefill_debt = max(0.0, self.prefill_debt - (self.clock() - started))
 
     def _run(self, rows: list[Row], tokens: list[list[int]], logits: bool = True) -> torch.Tensor | None:
         """Run each row's tokens at its position into its cache slot; each row's next logits, if asked for."""

@@ -133,14 +133,82 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(int8_model, mo
         batch.advance()
     assert steps == [[running], [running], [running, joining], [running, joining]]
     assert (joining.position, running.position) == (20 + 2, 3 + 5)  # prompt + each token sampled, run after
-    # two long prompts: the older is prefilled first, then the newer
+    # two prompts: the one with less left to prefill goes first, though it came later
     older = batch.add(list(range(200, 217)), 5, SamplingParams(0.0, seed=0))  # three chunks of 8, 8, 1
     newer = batch.add(list(range(300, 309)), 5, SamplingParams(0.0, seed=0))  # two chunks
     firsts = []
     for _ in range(5):
         firsts += [row for row, _ in batch.next_tokens() if row in (older, newer) and row.new_tokens == 1]
         batch.advance()
-    assert firsts == [older, newer]
+    assert firsts == [newer, older]
+
+
+def fake_costs(model, monkeypatch, seconds_per_token: float) -> list[float]:
+    """A clock that only the model moves: each call costs seconds_per_token per token it runs (a prompt chunk
+    of T tokens T times a decoding row's token), so the prefill schedule is the same on any machine."""
+    now = [0.0]
+    for name in ("next_token_logits", "fill_cache"):
+        original = getattr(model, name)
+
+        def costed(idx, *args, original=original):
+            now[0] += seconds_per_token * idx.shape[1]
+            return original(idx, *args)
+
+        monkeypatch.setattr(model, name, costed)
+    return now
+
+
+def test_a_long_prefill_takes_at_most_half_the_time_of_decoding_rows(int8_model, monkeypatch):
+    """While rows decode, a long prompt's chunks take at most half of the time: after a chunk of 8 tokens, the
+    next 8 one-token steps decode only; the decoding row keeps at least half its rate, and the prompt still
+    gets through."""
+    monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(DecodeBatch, "SHORT_PREFILL", 4)
+    now = fake_costs(int8_model, monkeypatch, 0.01)
+    batch = DecodeBatch(int8_model, 4, clock=lambda: now[0])
+    running = batch.add([1, 2, 3], 60, SamplingParams(0.0, seed=0))
+    batch.next_tokens()
+    batch.advance()
+    long = batch.add(list(range(100, 124)), 5, SamplingParams(0.0, seed=0))  # three chunks of 8
+    chunks_at, running_tokens, start = [], 0, now[0]
+    for step in range(30):
+        pending = len(long.pending)
+        running_tokens += sum(row is running for row, _ in batch.next_tokens())
+        chunks_at += [step] if len(long.pending) < pending else []
+        batch.advance()
+    assert chunks_at == [0, 8, 16]  # each chunk (0.08 s) paid back by eight decoding steps (0.01 s each), its own too
+    assert long.new_tokens >= 1
+    assert running_tokens / (now[0] - start) >= 0.5 / 0.01  # at least half of one token per 0.01 s
+
+
+def test_a_short_prompt_is_prefilled_at_once_behind_a_long_one(int8_model, monkeypatch):
+    """A short prompt that arrives while a long one is being prefilled (and decoding rows are owed time) gets its
+    first token at the next step."""
+    monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(DecodeBatch, "SHORT_PREFILL", 4)
+    now = fake_costs(int8_model, monkeypatch, 0.01)
+    batch = DecodeBatch(int8_model, 4, clock=lambda: now[0])
+    running = batch.add([1, 2, 3], 60, SamplingParams(0.0, seed=0))
+    batch.next_tokens()
+    batch.advance()
+    long = batch.add(list(range(100, 140)), 5, SamplingParams(0.0, seed=0))
+    batch.next_tokens()  # its first chunk: now the decoding row is owed 0.08 s
+    batch.advance()
+    assert batch.prefill_debt > 0 and long.pending
+    short = batch.add([7, 8, 9], 5, SamplingParams(0.0, seed=0))
+    assert {row for row, _ in batch.next_tokens()} == {running, short}
+    assert len(long.pending) == 40 - 8  # the long prompt waits its turn
+
+
+def test_with_nobody_decoding_a_long_prompt_is_prefilled_chunk_after_chunk(int8_model, monkeypatch):
+    """Prefill owes time only to decoding rows: alone, a long prompt runs a chunk at every step."""
+    monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(DecodeBatch, "SHORT_PREFILL", 4)
+    now = fake_costs(int8_model, monkeypatch, 0.01)
+    batch = DecodeBatch(int8_model, 4, clock=lambda: now[0])
+    long = batch.add(list(range(100, 124)), 5, SamplingParams(0.0, seed=0))
+    sampled = [batch.next_tokens() for _ in range(3)]
+    assert [len(rows) for rows in sampled] == [0, 0, 1] and batch.prefill_debt == 0 and long.new_tokens == 1
 
 
 def test_finished_and_removed_rows_free_their_slots(int8_model):
