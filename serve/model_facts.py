@@ -9,7 +9,7 @@ from pathlib import Path
 
 from model import GPT, read_model_card_metrics
 from model.card import CARD_NAME, CardError
-from model.hub import resolve
+from model.hub import is_repo_id, resolve
 from model.layout import LOSS_CURVE_NAME
 
 from .inference import precision_of
@@ -25,11 +25,25 @@ def _card_metrics(folder: Path) -> dict:
         return {}
 
 
+def describe_source(source: str, path: Path, shipped: Path | None = None) -> str:
+    """Where weights came from, in a visitor's terms and without the server's paths: the shipped model, a Hub
+    repo id@revision (the commit the cache holds when no revision was asked for), or a local folder's or file's
+    name."""
+    if shipped is not None and path.resolve() == shipped.resolve():
+        return "the model shipped with the app"
+    if not Path(source).expanduser().exists() and is_repo_id(source):
+        repo, _, revision = source.partition("@")
+        commit = path.name[:12] if path.parent.name == "snapshots" else "cached"  # the Hub cache's layout
+        return f"Hub repo {repo}@{revision or commit}"
+    return f"local {'folder' if path.is_dir() else 'file'} {path.name}"
+
+
 @dataclass(frozen=True)
 class ModelFacts:
-    """Where a loaded model came from and what its model card says about it."""
+    """Where a loaded model came from (source as given, described for visitors) and what its model card says."""
 
     source: str
+    description: str
     location: Path
     parameters: int
     shape: str
@@ -38,13 +52,15 @@ class ModelFacts:
     loss_curve: Path | None
 
     @classmethod
-    def of(cls, model: GPT, source: str | Path) -> ModelFacts:
+    def of(cls, model: GPT, source: str | Path, shipped: Path | None = None) -> ModelFacts:
+        """The facts of model, loaded from source; shipped is the folder of the model the app ships."""
         path = resolve(source)
         folder = path if path.is_dir() else path.parent
         curve = folder / LOSS_CURVE_NAME
         config = model.config
         return cls(
             source=str(source),
+            description=describe_source(str(source), path, shipped),
             location=path.resolve(),
             parameters=model.num_parameters(),
             shape=f"{config.n_layer} layers, {config.n_head} heads, n_embd {config.n_embd}, "
@@ -62,7 +78,7 @@ class ModelFacts:
             return f"{value:.4f}" if isinstance(value, (int, float)) else "not recorded in the model card"
 
         rows = [
-            ("weights", f"{self.source} ({self.location})" if str(self.location) != self.source else self.source),
+            ("weights", self.description),
             ("parameters", f"{self.parameters:,}"),
             ("shape", self.shape),
             ("precision", self.precision),

@@ -202,8 +202,9 @@ def test_model_panel_shows_source_parameters_losses_and_curve(url, tiny_folder, 
     for component in config["components"]:
         values[component["type"]].append(component.get("props", {}).get("value"))
     panel = next(v for v in values["markdown"] if v and "parameters" in v)
-    for fact in (str(tiny_folder), f"{reference.num_parameters():,}", "1.2345", "4.5678", "float32"):
+    for fact in (f"local folder {tiny_folder.name}", f"{reference.num_parameters():,}", "1.2345", "4.5678", "float32"):
         assert fact in panel
+    assert str(tiny_folder.parent) not in panel  # no server path on the page
     assert any(v and v.get("url") for v in values["image"])
     sliders = {c["props"]["label"]: c["props"] for c in config["components"] if c["type"] == "slider"}
     assert sliders["Max new tokens"]["maximum"] == BLOCK_SIZE and sliders["Max new tokens"]["value"] == BLOCK_SIZE

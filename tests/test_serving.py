@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, SamplingParams, generate, load_tokenizer, render_model_card, stream_text
-from serve import ModelFacts, RequestError, Scheduler, check_request, stream_completion
+from serve import ModelFacts, RequestError, Scheduler, check_request, model_facts, stream_completion
 
 SEED_MAX = SamplingParams.SEED_MAX
 
@@ -120,6 +120,23 @@ def test_model_facts_read_the_card_and_the_curve(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "without")
     facts = ModelFacts.of(tiny, tmp_path / "without" / "model.safetensors")
     assert facts.loss_curve is None and "not recorded" in dict(facts.rows())["train loss"]
+
+
+def test_the_weights_are_described_without_server_paths(tiny, tmp_path, monkeypatch):
+    """The panel says where the weights came from in a visitor's terms: the shipped model, a Hub repo
+    id@revision, or a local folder's or file's name; never an absolute path of the server."""
+    tiny.save_pretrained(tmp_path / "runs" / "best")
+    shipped, folder = tmp_path / "runs", tmp_path / "runs" / "best"
+    assert ModelFacts.of(tiny, folder, shipped=folder).description == "the model shipped with the app"
+    assert ModelFacts.of(tiny, folder, shipped=shipped).description == "local folder best"
+    assert ModelFacts.of(tiny, folder / "model.safetensors").description == "local file model.safetensors"
+    snapshot = tmp_path / "models--me--gpt" / "snapshots" / ("0123456789ab" + "c" * 28)
+    tiny.save_pretrained(snapshot)
+    monkeypatch.setattr(model_facts, "resolve", lambda source: snapshot)
+    assert ModelFacts.of(tiny, "me/gpt").description == "Hub repo me/gpt@0123456789ab"
+    assert ModelFacts.of(tiny, "me/gpt@v1").description == "Hub repo me/gpt@v1"
+    rows = ModelFacts.of(tiny, "me/gpt").rows()
+    assert not any(str(tmp_path) in value for _, value in rows)
 
 
 def test_a_broken_model_card_leaves_the_losses_unrecorded(tiny, tmp_path):
