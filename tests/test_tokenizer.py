@@ -158,6 +158,14 @@ def test_a_model_folder_uses_its_own_tokenizer_files(tiny_model, tmp_path, token
         load_tokenizer(tmp_path / "bad")
 
 
+@pytest.mark.parametrize("only", ["vocab.json", "merges.txt"])
+def test_a_folder_with_only_one_of_the_two_files_uses_the_packaged_tokenizer(tiny_model, tmp_path, only):
+    """vocab.json without merges.txt (or the other way round) is not a tokenizer: the packaged one is used."""
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    (folder / ("merges.txt" if only == "vocab.json" else "vocab.json")).unlink()
+    assert load_tokenizer(folder) is load_tokenizer()
+
+
 def test_auto_tokenizer_on_a_saved_folder_gives_the_same_ids(tiny_model, tmp_path, tokenizer):
     from transformers import AutoTokenizer
 
