@@ -1,6 +1,8 @@
 """Training throughput of a preset with each optimisation on and off, side by side in one run.
 
-    python bench/train_throughput.py --data ../shared/data/input.txt [--preset cpu] [--steps 8]
+    python bench/train_throughput.py [--preset cpu] [--steps 8] [--data PATH]
+
+--data defaults to the trainer's: the shipped data/tinyshakespeare.txt.
 
 Each variant builds the real Trainer (train/train.py) and times its optimizer_step on the same
 batches. MFU is against the peak of a known GPU, or on a CPU against a large fp32 matmul measured
@@ -10,17 +12,19 @@ in the same run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 
 from model import GPT  # noqa: E402
 from train.config import parse_config  # noqa: E402
 from train.machine import setup_machine  # noqa: E402
-from train.trainer import Trainer  # noqa: E402
+from train.trainer import Trainer, prepare  # noqa: E402
 
 VARIANTS = {
     "eager fp32 (baseline)": dict(dtype="float32", compile="false"),
@@ -52,20 +56,21 @@ def time_variant(argv: list[str], overrides: dict, steps: int, warmup: int) -> f
     for inputs, targets in batches[warmup:]:
         loss, _ = trainer.optimizer_step(inputs, targets)
     float(loss)  # wait for the device
-    return steps * config.batch_size * trainer.seq_len / (time.perf_counter() - start)
+    return steps * trainer.plan.tokens_per_step / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", default="", help="the training text (default: the trainer's)")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
-    argv = ["--preset", args.preset, "--data", args.data, "--dropout", "0"]
+    argv = ["--preset", args.preset, "--dropout", "0", *(["--data", args.data] if args.data else [])]
     config = parse_config(argv)
     machine = setup_machine(config)
-    shape, seq_len = config.gpt_config(), config.sequence_length
+    plan, _ = prepare(config, machine.world_size)
+    shape, seq_len = plan.shape, plan.seq_len
     with torch.device("meta"):
         n_params = GPT(shape).num_parameters()
     flops_per_token = 6 * n_params + 12 * shape.n_layer * shape.n_embd * seq_len

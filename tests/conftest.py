@@ -157,3 +157,54 @@ def greedy_by_recomputation():
 
 
 # -- the trainer's tests (train/): fixtures shared by test_train.py, test_train_faults.py, test_semantics_train.py
+
+TINY_TRAINER_FLAGS = (
+    "--device cpu --n-layer 2 --n-head 2 --n-embd 32 --block-size 32 --batch-size 8 --lr 3e-3 --min-lr 3e-4 "
+    "--warmup-steps 5 --log-interval 5 --eval-interval 1000 --checkpoint-interval 1000 --sample-tokens 4 "
+    "--eval-batches 2"
+).split()
+
+
+@pytest.fixture(scope="session")
+def train_script() -> str:
+    """train/train.py, the trainer's command line."""
+    return str(ROOT / "train" / "train.py")
+
+
+@pytest.fixture(scope="session")
+def tiny_flags():
+    """tiny_flags(out_dir, data, cache_dir, *extra): the trainer's flags for a 2-layer, 32-wide model with a
+    32-token context on the CPU, batches of 8 x 32, a log row every 5 steps and checkpoints only at the end;
+    extra flags come last, so they win. data None leaves --data out (the shipped text)."""
+
+    def build(out_dir, data, cache_dir, *extra) -> list[str]:
+        source = [] if data is None else ["--data", str(data)]
+        folders = ["--out-dir", str(out_dir), "--cache-dir", str(cache_dir)]
+        return [*source, *folders, *TINY_TRAINER_FLAGS, *map(str, extra)]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def run_train():
+    """run_train(command, env=None, **kwargs): a trainer command (train/train.py, a script wrapping it, torchrun)
+    run to its end with one thread per process and `env` added to this one's; its CompletedProcess, as text."""
+    import os
+    import subprocess
+
+    def run(command, env=None, **kwargs) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        return subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=300, env=env, **kwargs)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def read_metrics():
+    """read_metrics(out_dir): the rows of a run's metrics.jsonl."""
+    import json
+
+    def read(out_dir) -> list[dict]:
+        return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+    return read

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,72 +12,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
 
 from model import GPT
 
-TRAIN = str(ROOT / "train" / "train.py")
-TINY = [
-    "--device",
-    "cpu",
-    "--n-layer",
-    "2",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--block-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--lr",
-    "3e-3",
-    "--min-lr",
-    "3e-4",
-    "--warmup-steps",
-    "5",
-    "--log-interval",
-    "5",
-    "--eval-interval",
-    "1000",
-    "--checkpoint-interval",
-    "1000",
-    "--sample-tokens",
-    "4",
-    "--eval-batches",
-    "2",
-]
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_args(tmp_path, data, *extra):
-    return [
-        sys.executable,
-        TRAIN,
-        "--data",
-        str(data),
-        "--out-dir",
-        str(tmp_path / "out"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        *TINY,
-        *extra,
-    ]
+@pytest.fixture
+def train_args(tiny_flags, train_script):
+    """train_args(tmp_path, data, *extra): python train/train.py with the tiny flags, writing under tmp_path."""
+
+    def build(tmp_path, data, *extra) -> list[str]:
+        return [sys.executable, train_script, *tiny_flags(tmp_path / "out", data, tmp_path / "cache", *extra)]
+
+    return build
 
 
-def run(args, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, **kwargs)
-
-
-def metrics(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_loss_falls_and_folder_loads_in_transformers(tmp_path, small_text):
-    result = run(train_args(tmp_path, small_text, "--max-steps", "40"))
+def test_loss_falls_and_folder_loads_in_transformers(tmp_path, small_text, train_args, run_train, read_metrics):
+    result = run_train(train_args(tmp_path, small_text, "--max-steps", "40"))
     assert result.returncode == 0, result.stderr
-    rows = [r for r in metrics(tmp_path / "out") if "lr" in r]
+    rows = [r for r in read_metrics(tmp_path / "out") if "lr" in r]
     assert [r["step"] for r in rows] == list(range(5, 45, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 2.0
     folder = tmp_path / "out" / "latest"
@@ -95,12 +51,13 @@ def test_loss_falls_and_folder_loads_in_transformers(tmp_path, small_text):
 
 SIGTERM_AT_STEP = """
 import os, signal, sys
+sys.path.insert(0, {root!r})
 import train.train as train
 from train.trainer import Trainer
 original = Trainer.optimizer_step
 def step_then_signal(self, inputs, targets):
     result = original(self, inputs, targets)
-    if self.step == {step} - 1:  # the step being taken is number {step}: SIGTERM arrives during it
+    if self.progress.step == {step} - 1:  # the step being taken is number {step}: SIGTERM arrives during it
         os.kill(os.getpid(), signal.SIGTERM)
     return result
 Trainer.optimizer_step = step_then_signal
@@ -108,20 +65,21 @@ sys.exit(train.main())
 """
 
 
-def test_sigterm_then_resume_is_bit_identical(tmp_path, small_text):
+def test_sigterm_then_resume_is_bit_identical(tmp_path, small_text, train_args, run_train):
     steps = ["--max-steps", "30", "--dropout", "0.1", "--log-interval", "1"]
-    straight = run(train_args(tmp_path / "a", small_text, *steps))
+    straight = run_train(train_args(tmp_path / "a", small_text, *steps))
     assert straight.returncode == 0, straight.stderr
 
     script = tmp_path / "sigterm.py"
-    script.write_text(SIGTERM_AT_STEP.format(step=12))  # a signal at a known step: no race with a fast machine
+    # a signal at a known step: no race with a fast machine
+    script.write_text(SIGTERM_AT_STEP.format(root=str(ROOT), step=12))
     args = train_args(tmp_path / "b", small_text, *steps)
-    interrupted = run([sys.executable, str(script), *args[2:]])
+    interrupted = run_train([sys.executable, script, *args[2:]])
     assert interrupted.returncode == 128 + signal.SIGTERM, interrupted.stderr
     assert torch.load(tmp_path / "b" / "out" / "latest" / "train_state.pt", weights_only=True)["step"] == 12
     assert f"resume:    python train/train.py --resume --out-dir {tmp_path / 'b' / 'out'}" in interrupted.stdout
 
-    resumed = run(args + ["--resume"])
+    resumed = run_train(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(tmp_path / "a" / "out" / "latest" / "model.safetensors")
     b = load_file(tmp_path / "b" / "out" / "latest" / "model.safetensors")
@@ -131,7 +89,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, small_text):
 
 KILL_DURING_SECOND_SAVE = """
 import os, signal, sys
-sys.argv = [sys.argv[0], *sys.argv[1:]]
+sys.path.insert(0, {root!r})
 import train.train as train
 from model import GPT
 original, calls = GPT.save_pretrained, []
@@ -148,23 +106,23 @@ train.main()
 """
 
 
-def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, small_text):
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, small_text, train_args, run_train):
     script = tmp_path / "dying.py"
     script.write_text(KILL_DURING_SECOND_SAVE.format(root=str(ROOT)))
     args = train_args(tmp_path, small_text, "--max-steps", "20", "--checkpoint-interval", "5")
-    result = run([sys.executable, str(script), *args[2:]])
+    result = run_train([sys.executable, script, *args[2:]])
     assert result.returncode == -signal.SIGKILL
     latest = tmp_path / "out" / "latest"
     model = GPT.from_pretrained(latest)
     assert model.config.n_embd == 32
     assert torch.load(latest / "train_state.pt", weights_only=True)["step"] == 5
-    resumed = run(args + ["--resume"])
+    resumed = run_train(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 20
 
 
-def test_target_loss_stops_on_a_full_pass_and_saves(tmp_path, small_text):
-    result = run(train_args(tmp_path, small_text, "--max-steps", "500", "--target-loss", "50"))
+def test_target_loss_stops_on_a_full_pass_and_saves(tmp_path, small_text, train_args, run_train):
+    result = run_train(train_args(tmp_path, small_text, "--max-steps", "500", "--target-loss", "50"))
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["reached_target"] is True
@@ -174,19 +132,19 @@ def test_target_loss_stops_on_a_full_pass_and_saves(tmp_path, small_text):
     assert GPT.from_pretrained(tmp_path / "out" / "latest").config.n_layer == 2
 
 
-def test_two_process_gloo_torchrun_only_rank0_writes(tmp_path, small_text):
+def test_two_process_gloo_torchrun_only_rank0_writes(tmp_path, small_text, train_args, run_train, read_metrics):
     args = train_args(tmp_path, small_text, "--max-steps", "10")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args[1:]]
-    result = run(command)
+    result = run_train(command)
     assert result.returncode == 0, result.stderr
-    rows = [r for r in metrics(tmp_path / "out") if "lr" in r]
+    rows = [r for r in read_metrics(tmp_path / "out") if "lr" in r]
     assert [r["step"] for r in rows] == [5, 10]  # one writer: no duplicated rows
     assert result.stderr.count("parameters;") == 1
     assert GPT.from_pretrained(tmp_path / "out" / "latest").config.n_head == 2
 
 
 def test_push_to_hub_uploads_the_best_checkpoint_and_only_model_files(
-    tmp_path, small_text, monkeypatch, capsys, caplog
+    tmp_path, small_text, train_args, monkeypatch, capsys, caplog
 ):
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
@@ -234,7 +192,7 @@ def test_push_to_hub_uploads_the_best_checkpoint_and_only_model_files(
     assert "hf_secret_value" not in log
 
 
-def test_push_to_hub_without_token_fails_before_training(tmp_path, small_text):
+def test_push_to_hub_without_token_fails_before_training(tmp_path, small_text, train_args):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env["HF_HOME"] = str(tmp_path / "hf")
     start = time.time()
@@ -258,6 +216,7 @@ def test_push_to_hub_without_token_fails_before_training(tmp_path, small_text):
         (["--batch-size", "zero"], "invalid int value"),
         (["--n-embd", "31"], "--n-embd (31) must be divisible by --n-head (2)"),
         (["--preset", "nope"], "invalid choice"),
+        (["--model-preset", "nope"], "unknown --model-preset 'nope'"),
         (["--micro-batch-size", "-1"], "--micro-batch-size must be 0 or more"),
         (["--micro-batch-size", "3"], "--batch-size must be a multiple of --micro-batch-size"),
         (["--grad-clip", "-1"], "--grad-clip must be greater than 0, or 0 for no clipping"),
@@ -267,7 +226,7 @@ def test_push_to_hub_without_token_fails_before_training(tmp_path, small_text):
         (["--compile", "maybe"], "expected true or false"),
     ],
 )
-def test_bad_flags_fail_with_a_clear_message(tmp_path, small_text, capsys, extra, message):
+def test_bad_flags_fail_with_a_clear_message(tmp_path, small_text, train_args, capsys, extra, message):
     """Checked in-process, as the command line does it, before any data is read or anything written."""
     from train import train
 
@@ -288,24 +247,122 @@ def test_underscore_flags_are_accepted_like_sagemaker_passes_them():
     assert parse_config(["--compile", "1"]).compile == "true" and parse_config(["--compile", "AUTO"]).compile == "auto"
 
 
-def test_missing_and_too_short_data_fail_clearly(tmp_path):
-    missing = run(train_args(tmp_path, tmp_path / "nope.txt"))
+def test_old_preset_and_model_flag_names_still_work_saying_so_in_one_line(caplog, monkeypatch):
+    from train.config import parse_args, parse_config
+
+    caplog.set_level("WARNING", logger="train")
+    config, explicit = parse_args(["--preset", "recipe-a", "--model", "tiny"])
+    assert (config.preset, config.model_preset) == ("gpt2-4x1024", "tiny")
+    assert explicit["preset"] == "gpt2-4x1024" and explicit["model_preset"] == "tiny"
+    assert config.batch_size == 4 and config.gpt_config().n_embd == 32  # the preset's settings, the shape's size
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "--preset recipe-a is deprecated: use --preset gpt2-4x1024",
+        "--model is deprecated: use --model-preset",
+    ]
+    caplog.clear()
+    assert parse_config(["--preset", "recipe-b"]).preset == "gpt2-32x256" == parse_config([]).preset
+    assert [r.getMessage() for r in caplog.records] == ["--preset recipe-b is deprecated: use --preset gpt2-32x256"]
+    caplog.clear()
+    assert parse_config(["--preset", "gpt2-4x1024", "--model-preset", "tiny"]).model_preset == "tiny"
+    monkeypatch.setenv("RANK", "1")  # under torchrun only the main process says it
+    assert parse_config(["--model", "cpu-small"]).model_preset == "cpu-small"
+    assert not caplog.records
+
+
+def test_the_shipped_text_is_the_default_data_and_needs_no_network(
+    tmp_path, shakespeare, tiny_flags, monkeypatch, caplog
+):
+    """No --data and no SageMaker channel: data/tinyshakespeare.txt is read, nothing is downloaded."""
+    from train import data, train
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the trainer used the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
+    monkeypatch.delenv("SM_CHANNEL_TRAINING", raising=False)
+    caplog.set_level("INFO", logger="train")
+    assert data.SHIPPED_DATA == shakespeare
+    assert train.main(tiny_flags(tmp_path / "out", None, tmp_path / "cache", "--max-steps", "2")) == 0
+    assert f"{shakespeare}: 338,025 tokens" in caplog.text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    saved = torch.load(tmp_path / "out" / "latest" / "train_state.pt", weights_only=True)
+    assert summary["steps"] == 2 and saved["config"]["data"] == ""  # a resume reads the shipped text too
+
+
+def test_data_comes_from_the_flag_then_sagemakers_channel_then_the_shipped_file(tmp_path, shakespeare, monkeypatch):
+    from train.data import find_texts
+
+    mine, channel = tmp_path / "mine.txt", tmp_path / "channel"
+    mine.write_text("mine")
+    channel.mkdir()
+    (channel / "a.txt").write_text("channel")
+    monkeypatch.delenv("SM_CHANNEL_TRAINING", raising=False)
+    assert find_texts("", str(tmp_path)) == [shakespeare]
+    monkeypatch.setenv("SM_CHANNEL_TRAINING", str(channel))
+    assert find_texts("", str(tmp_path)) == [channel / "a.txt"]
+    assert find_texts(str(mine), str(tmp_path)) == [mine]
+
+
+def test_a_url_given_to_data_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    from train import data
+
+    fetched = []
+
+    class Response:
+        def __init__(self, body: bytes) -> None:
+            self.body = body
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def read(self) -> bytes:
+            return self.body
+
+    def urlopen(url, timeout):
+        fetched.append(url)
+        return Response(f"text of {url}".encode())
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    url, other = "https://example.org/texts/sonnets.txt", "http://example.org/other/sonnets.txt"
+    [path] = data.find_texts(url, str(tmp_path))
+    assert path.read_text() == f"text of {url}" and path.is_relative_to(tmp_path) and path.name.endswith("sonnets.txt")
+    assert data.find_texts(url, str(tmp_path)) == [path] and fetched == [url]  # the second time from the cache
+    [other_path] = data.find_texts(other, str(tmp_path))
+    assert other_path != path and other_path.read_text() == f"text of {other}"
+    # the known Tiny Shakespeare URL is checked against its size
+    with pytest.raises(data.DataError, match=f"expected {data.DATA_SIZE}"):
+        data.find_texts(data.DATA_URL, str(tmp_path))
+
+    def unreachable(url, timeout):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", unreachable)
+    with pytest.raises(data.DataError, match="could not download .* pass --data PATH"):
+        data.find_texts("https://example.org/new.txt", str(tmp_path))
+
+
+def test_missing_and_too_short_data_fail_clearly(tmp_path, train_args, run_train):
+    missing = run_train(train_args(tmp_path, tmp_path / "nope.txt"))
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     short = tmp_path / "short.txt"
     short.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3)
-    result = run(train_args(tmp_path, short))
+    result = run_train(train_args(tmp_path, short))
     assert result.returncode != 0 and "too short for one batch" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_failing_extra_never_loses_the_checkpoint(tmp_path, small_text, monkeypatch, caplog):
+def test_a_failing_card_or_curve_never_loses_the_checkpoint(tmp_path, small_text, train_args, monkeypatch, caplog):
     """Samples and the loss curve are extras: when they fail, the weights and state are still written."""
-    from train import outputs, train
-    from train.trainer import Trainer
+    from train import outputs, publish, train
 
     def broken(*args, **kwargs):
         raise RuntimeError("no sampling today")
 
-    monkeypatch.setattr(Trainer, "samples", broken)
+    monkeypatch.setattr(publish, "samples", broken)
     monkeypatch.setattr(outputs, "plot", broken)
     caplog.set_level("WARNING")
     assert train.main(train_args(tmp_path, small_text, "--max-steps", "6")[2:]) == 0
@@ -315,7 +372,9 @@ def test_a_failing_extra_never_loses_the_checkpoint(tmp_path, small_text, monkey
     assert "## Samples" not in (latest / "README.md").read_text()
 
 
-def test_sagemaker_checkpoints_survive_a_spot_restart(tmp_path, small_text, monkeypatch, caplog):
+def test_sagemaker_checkpoints_survive_a_spot_restart(
+    tmp_path, small_text, train_args, read_metrics, monkeypatch, caplog
+):
     """With SageMaker's checkpoint folder, checkpoints go there; a restarted job resumes from it by itself,
     and the final model (without optimizer state) lands in SM_MODEL_DIR."""
     from train import outputs, train
@@ -336,5 +395,5 @@ def test_sagemaker_checkpoints_survive_a_spot_restart(tmp_path, small_text, monk
     assert json.loads((model_dir / "summary.json").read_text())["steps"] == 10
     assert (model_dir / "latest" / "model.safetensors").is_file() and (model_dir / "best" / "vocab.json").is_file()
     assert not (model_dir / "latest" / "train_state.pt").exists()
-    rows = [r["step"] for r in metrics(model_dir) if "lr" in r]
+    rows = [r["step"] for r in read_metrics(model_dir) if "lr" in r]
     assert rows == sorted(set(rows)) and rows[-1] == 10

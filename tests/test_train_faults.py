@@ -1,5 +1,5 @@
 """The trainer under faults: an earlier run in the folder, --resume with the run's own settings, divergence,
-bad data and flags, a second writer, a swap cut short, a full disk, kills at random moments, and the
+bad data and tiny_flags, a second writer, a swap cut short, a full disk, kills at random moments, and the
 arithmetic of several processes. A tiny model on a slice of Tiny Shakespeare, on the CPU."""
 
 import errno
@@ -15,20 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, ROOT
 from safetensors.torch import load_file
 
 from model import GPT, GPTConfig
 from train import outputs
 from train import train as train_main
 from train.config import TrainConfig, parse_args
+from train.data import DataError
 from train.machine import Machine
-from train.trainer import Trainer, build_model
+from train.plan import ConfigError, make_plan
+from train.trainer import Trainer, build_model, prepare
 
-TRAIN = str(ROOT / "train" / "train.py")
-TINY = "--n-layer 2 --n-head 2 --n-embd 32 --block-size 32 --batch-size 8 --lr 3e-3 --min-lr 3e-4 --warmup-steps 5 "
-TINY += "--log-interval 5 --eval-interval 1000 --checkpoint-interval 1000 --sample-tokens 4 --eval-batches 2"
-TINY = [*TINY.split(), "--device", "cpu"]
+ROOT = Path(__file__).resolve().parents[1]
 
 # Runs train/train.py's main() with hooks set by environment variables: LATE_RANK sleeps LATE_SECONDS before
 # starting on that rank; STEPPING gets a + as each step starts; AFTER_STEP then sends SIGTERM to itself once
@@ -47,7 +45,7 @@ def optimizer_step(self, inputs, targets):
         with open(os.environ["STEPPING"], "a") as f:
             f.write("+")
     result = original(self, inputs, targets)
-    if self.step + 1 == after:  # the step counter moves on after this returns
+    if self.progress.step + 1 == after:  # the step counter moves on after this returns
         if os.environ.get("THEN") == "pause":
             open(os.environ["READY"], "w").close()
             while not os.path.exists(os.environ["GO"]):
@@ -73,15 +71,6 @@ def wrapper(tmp_path_factory):
     return str(path)
 
 
-def flags(out, data, cache, *extra):
-    return ["--data", str(data), "--out-dir", str(out), "--cache-dir", str(cache), *TINY, *map(str, extra)]
-
-
-def run(args, env=None, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, **kwargs)
-
-
 def main(argv) -> int:
     """train.train.main in this process; an error exit comes back as its message."""
     try:
@@ -90,13 +79,8 @@ def main(argv) -> int:
         return exit.code
 
 
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_no_repeated_rows(out_dir: Path) -> None:
+def assert_no_repeated_rows(rows: list[dict]) -> None:
     """Train rows (with lr) and held-out rows each strictly increasing in step: nothing logged twice."""
-    rows = metrics(out_dir)
     for kind in (lambda r: "lr" in r, lambda r: "val_loss" in r):
         steps = [r["step"] for r in rows if kind(r)]
         assert steps == sorted(set(steps)), steps
@@ -123,9 +107,11 @@ def state_step(folder: Path) -> int:
 # -- 1. an earlier run in the folder
 
 
-def test_new_run_into_an_earlier_run_is_refused_and_restart_keeps_user_files(tmp_path, small_text, cache):
+def test_new_run_into_an_earlier_run_is_refused_and_restart_keeps_user_files(
+    tmp_path, small_text, cache, tiny_flags, read_metrics
+):
     out = tmp_path / "out"
-    args = flags(out, small_text, cache, "--max-steps", "5", "--eval-interval", "5")
+    args = tiny_flags(out, small_text, cache, "--max-steps", "5", "--eval-interval", "5")
     assert main(args) == 0
     before = files_of(out)
     assert (out / "best" / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
@@ -140,7 +126,7 @@ def test_new_run_into_an_earlier_run_is_refused_and_restart_keeps_user_files(tmp
     assert (out / "latest" / "NOTES.txt").read_text() == "mine"
     assert (out / "data-notes.md").read_text() == "also mine"
     assert state_step(out / "latest") == 10
-    assert [r["step"] for r in metrics(out) if "lr" in r] == [5, 10]  # the earlier run's rows are gone
+    assert [r["step"] for r in read_metrics(out) if "lr" in r] == [5, 10]  # the earlier run's rows are gone
     # a run started with --restart resumes like any other
     assert main(["--resume", "--out-dir", out, "--max-steps", "12"]) == 0
     assert state_step(out / "latest") == 12 and (out / "latest" / "NOTES.txt").read_text() == "mine"
@@ -149,12 +135,14 @@ def test_new_run_into_an_earlier_run_is_refused_and_restart_keeps_user_files(tmp
 # -- 2. --resume restores the run's own settings
 
 
-def test_resume_restores_the_runs_own_configuration(tmp_path, small_text, cache, wrapper):
+def test_resume_restores_the_runs_own_configuration(
+    tmp_path, small_text, cache, wrapper, tiny_flags, run_train, read_metrics, shakespeare
+):
     own = ["--n-embd", "32", "--lr", "3e-3", "--dropout", "0.1", "--max-steps", "20", "--log-interval", "1"]
-    assert main(flags(tmp_path / "a", small_text, cache, *own)) == 0
+    assert main(tiny_flags(tmp_path / "a", small_text, cache, *own)) == 0
 
     out = tmp_path / "b"
-    stopped = run([sys.executable, wrapper, *flags(out, small_text, cache, *own)], env={"AFTER_STEP": "8"})
+    stopped = run_train([sys.executable, wrapper, *tiny_flags(out, small_text, cache, *own)], env={"AFTER_STEP": "8"})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert "stopped by signal SIGTERM after 8 steps" in stopped.stdout
     assert state_step(out / "latest") == 8
@@ -164,7 +152,7 @@ def test_resume_restores_the_runs_own_configuration(tmp_path, small_text, cache,
 
     # flags that would change the run are refused, naming them; nothing is written
     before = files_of(out)
-    for flag, value in (("--lr", "1e-2"), ("--n-layer", "3"), ("--data", str(DATA)), ("--preset", "cpu")):
+    for flag, value in (("--lr", "1e-2"), ("--n-layer", "3"), ("--data", str(shakespeare)), ("--preset", "cpu")):
         message = main([*words[2:], flag, value])
         assert isinstance(message, str) and f"{flag} " in message and "--resume" in message, message
     assert files_of(out) == before
@@ -174,23 +162,44 @@ def test_resume_restores_the_runs_own_configuration(tmp_path, small_text, cache,
     assert_same_weights(tmp_path / "a" / "latest", out / "latest")
     saved = torch.load(out / "latest" / outputs.STATE_NAME, weights_only=True)["config"]
     assert (saved["n_embd"], saved["lr"], saved["dropout"], saved["data"]) == (32, 3e-3, 0.1, str(small_text))
-    assert_no_repeated_rows(out)
-    assert [r["step"] for r in metrics(out) if "lr" in r] == list(range(1, 21))
+    assert_no_repeated_rows(read_metrics(out))
+    assert [r["step"] for r in read_metrics(out) if "lr" in r] == list(range(1, 21))
 
     # --max-steps may change: the run goes on
     assert main([*words[2:], "--max-steps", "23"]) == 0
     assert state_step(out / "latest") == 23
-    assert_no_repeated_rows(out)
+    assert_no_repeated_rows(read_metrics(out))
+
+
+def test_a_checkpoint_saved_under_the_old_names_resumes(tmp_path, small_text, cache, tiny_flags):
+    """train_state.pt written before the renames (the `model` field, the recipe-b preset, the data position's
+    `epoch`) resumes, and is saved again under today's names."""
+    out = tmp_path / "out"
+    assert main(tiny_flags(out, small_text, cache, "--max-steps", "33", "--preset", "gpt2-32x256")) == 0
+    path = out / "latest" / outputs.STATE_NAME
+    saved = torch.load(path, weights_only=True)
+    assert saved["data"] == {"pass": 1, "index": 2}  # 31 batches per pass
+    saved["config"]["model"] = saved["config"].pop("model_preset")
+    saved["config"]["preset"] = "recipe-b"
+    saved["data"] = {"epoch": 1, "index": 2}
+    torch.save(saved, path)
+    assert main(["--resume", "--out-dir", out, "--max-steps", "35"]) == 0
+    resumed = torch.load(path, weights_only=True)
+    assert resumed["step"] == 35 and resumed["data"] == {"pass": 1, "index": 4}
+    assert (resumed["config"]["preset"], resumed["config"]["model_preset"]) == ("gpt2-32x256", "gpt2")
+    assert "model" not in resumed["config"]
 
 
 # -- 3. divergence
 
 
-def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, small_text, cache):
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tmp_path, small_text, cache, tiny_flags, run_train, train_script
+):
     out = tmp_path / "out"
     # warm-up of 1e5 steps: lr 10, 20, 30, ... a few finite steps (and checkpoints), then no numbers at all
     args = ["--lr", "1e6", "--grad-clip", "0", "--warmup-steps", "100000", "--checkpoint-interval", "2"]
-    result = run([sys.executable, TRAIN, *flags(out, small_text, cache, *args, "--max-steps", "40")])
+    result = run_train([sys.executable, train_script, *tiny_flags(out, small_text, cache, *args, "--max-steps", "40")])
     assert result.returncode != 0
     assert "diverged" in result.stderr and "lower --lr" in result.stderr and "Traceback" not in result.stderr
     diverged_at = int(result.stderr.split("not finite numbers by step ")[1].split()[0])
@@ -202,14 +211,14 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_weights_broken_by_an_update_are_never_scored_or_saved(tmp_path, small_text, cache, monkeypatch):
+def test_weights_broken_by_an_update_are_never_scored_or_saved(tmp_path, small_text, cache, monkeypatch, tiny_flags):
     """An update can leave non-finite weights after a step whose loss and gradients were finite: the
     held-out score of those weights must not reach metrics.jsonl, nor the weights latest/."""
     original, saved = Trainer.optimizer_step, {}
 
     def breaking_step(self, inputs, targets):
         result = original(self, inputs, targets)
-        if self.step + 1 == 3:
+        if self.progress.step + 1 == 3:
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("inf"))
         return result
@@ -224,7 +233,7 @@ def test_weights_broken_by_an_update_are_never_scored_or_saved(tmp_path, small_t
     monkeypatch.setattr(outputs, "save_checkpoint", recording_save)
     out = tmp_path / "out"
     args = ["--checkpoint-interval", "1", "--eval-interval", "3", "--max-steps", "10"]
-    message = main(flags(out, small_text, cache, *args))
+    message = main(tiny_flags(out, small_text, cache, *args))
     assert isinstance(message, str) and "diverged" in message and "lower --lr" in message, message
     text = (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").exists() else ""
     assert "NaN" not in text and "Infinity" not in text
@@ -235,13 +244,13 @@ def test_weights_broken_by_an_update_are_never_scored_or_saved(tmp_path, small_t
 # -- 4. data
 
 
-def test_data_folder_reads_every_txt_file_in_name_order(tmp_path, cache, caplog):
+def test_data_folder_reads_every_txt_file_in_name_order(tmp_path, cache, caplog, shakespeare):
     from model import EOT_TOKEN, load_tokenizer
     from train.data import load_tokens
 
     folder = tmp_path / "texts"
     folder.mkdir()
-    text = DATA.read_text()
+    text = shakespeare.read_text()
     parts = {"b.txt": text[:3000], "a.txt": text[3000:5000], "c.txt": text[5000:6000], "notes.md": "not text"}
     for name, part in parts.items():
         (folder / name).write_text(part)
@@ -255,12 +264,12 @@ def test_data_folder_reads_every_txt_file_in_name_order(tmp_path, cache, caplog)
     assert logged[0].endswith(f"{len(encode(parts['a.txt'])):,} tokens")
 
 
-def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path, small_text, cache):
+def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path, small_text, cache, tiny_flags):
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "a.txt").write_text(small_text.read_text())
     (folder / "b.txt").write_bytes("Ros\u00e9 and Juliet".encode("latin-1"))
-    message = main(flags(tmp_path / "out", folder, cache))
+    message = main(tiny_flags(tmp_path / "out", folder, cache))
     assert isinstance(message, str) and str(folder / "b.txt") in message and "UTF-8" in message, message
     assert not (tmp_path / "out" / "latest").exists()
 
@@ -274,14 +283,14 @@ def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path, small_text, cach
         (["--grad-clip", "-1"], "--grad-clip"),
         (["--sample-tokens", "-1"], "--sample-tokens"),
         (["--micro-batch-size", "-1"], "--micro-batch-size"),
-        (["--micro-batch-size", "3", "--batch-size", "8"], "--micro-batch-size"),
-        (["--block-size", "32", "--seq-len", "64"], "--seq-len"),
         (["--dropout", "1"], "--dropout"),
         (["--resume", "--restart"], "--restart"),
     ],
 )
-def test_bad_flags_are_refused_before_training_naming_the_flag(tmp_path, small_text, cache, capsys, extra, named):
-    args = flags(tmp_path / "out", small_text, cache, *extra)
+def test_bad_flags_are_refused_before_training_naming_the_flag(
+    tmp_path, small_text, cache, capsys, extra, named, tiny_flags
+):
+    args = tiny_flags(tmp_path / "out", small_text, cache, *extra)
     with pytest.raises(SystemExit) as exit:
         parse_args(args)
     assert exit.value.code == 2 and named in capsys.readouterr().err
@@ -289,13 +298,54 @@ def test_bad_flags_are_refused_before_training_naming_the_flag(tmp_path, small_t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--micro-batch-size", "3"], ["--batch-size", "--micro-batch-size"]),
+        (["--seq-len", "64"], ["--seq-len must be at most the model's context (32), got 64"]),
+        (["--batch-size", "6", "--micro-batch-size", "4", "--seq-len", "33"], ["--batch-size", "--seq-len"]),
+    ],
+)
+def test_flags_that_cannot_run_together_are_refused_in_one_error_before_anything_is_written(
+    tmp_path, small_text, cache, capsys, tiny_flags, extra, named
+):
+    """The run plan (sequence length, batch split) is checked once, every problem in the same message."""
+    args = tiny_flags(tmp_path / "out", small_text, cache, *extra)
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and all(name in errors[0] for name in named), errors
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_names_every_flag_that_does_not_fit_in_one_error():
+    config = TrainConfig(model_preset="tiny", block_size=32, batch_size=8, micro_batch_size=3, seq_len=64)
+    with pytest.raises(ConfigError) as error:
+        make_plan(config, 1, config.gpt_config())
+    message = str(error.value)
+    assert isinstance(error.value, ValueError) and not isinstance(error.value, DataError)
+    assert message == (
+        "--seq-len must be at most the model's context (32), got 64; --batch-size must be a multiple of "
+        "--micro-batch-size x processes (3 x 1 process), got 8; change --batch-size or --micro-batch-size "
+        "(0 = --batch-size / processes)"
+    )
+    # the number of processes is part of the split: 8 rows cannot be shared by 3 processes, nor 2 by 4
+    for batch, world_size, micro in ((8, 3, 2), (2, 4, 1)):
+        config = TrainConfig(model_preset="tiny", batch_size=batch)
+        with pytest.raises(ConfigError, match=rf"--batch-size .* --micro-batch-size x processes \({micro} x "
+                                              rf"{world_size} processes\), got {batch}"):  # fmt: skip
+            make_plan(config, world_size, config.gpt_config())
+    plan = make_plan(TrainConfig(model_preset="tiny", batch_size=12, micro_batch_size=2), 3, GPTConfig(block_size=48))
+    assert (plan.seq_len, plan.micro_batch, plan.accum_steps, plan.rows_per_process) == (48, 2, 2, 4)
+    assert (plan.world_size, plan.context, plan.tokens_per_step) == (3, 48, 12 * 48)
+
+
 # -- 6. writes: the lock, a cut swap, a full disk
 
 
-def test_a_second_trainer_on_the_folder_is_refused_naming_the_holder(tmp_path, small_text, cache, wrapper):
+def test_a_second_trainer_on_the_folder_is_refused_naming_the_holder(tmp_path, small_text, cache, wrapper, tiny_flags):
     out, ready, go = tmp_path / "out", tmp_path / "ready", tmp_path / "go"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AFTER_STEP": "6", "THEN": "pause", "READY": str(ready), "GO": str(go)}
-    args = flags(out, small_text, cache, "--max-steps", "8")
+    args = tiny_flags(out, small_text, cache, "--max-steps", "8")
     first = subprocess.Popen([sys.executable, wrapper, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
@@ -315,9 +365,9 @@ def test_a_second_trainer_on_the_folder_is_refused_naming_the_holder(tmp_path, s
     assert state_step(out / "latest") == 8
 
 
-def test_a_swap_cut_between_its_renames_is_repaired_on_resume(tmp_path, small_text, cache):
+def test_a_swap_cut_between_its_renames_is_repaired_on_resume(tmp_path, small_text, cache, tiny_flags, read_metrics):
     out = tmp_path / "out"
-    args = flags(out, small_text, cache, "--max-steps", "6", "--checkpoint-interval", "3")
+    args = tiny_flags(out, small_text, cache, "--max-steps", "6", "--checkpoint-interval", "3")
     assert main(args) == 0
     # killed after `latest -> .latest.old`, before `.latest.tmp -> latest` (the new one half-written)
     os.replace(out / "latest", out / ".latest.old")
@@ -328,7 +378,7 @@ def test_a_swap_cut_between_its_renames_is_repaired_on_resume(tmp_path, small_te
     assert main(["--resume", "--out-dir", out, "--max-steps", "9"]) == 0
     assert state_step(out / "latest") == 9
     assert not (out / ".latest.old").exists() and not (out / ".latest.tmp").exists()
-    assert_no_repeated_rows(out)
+    assert_no_repeated_rows(read_metrics(out))
 
 
 def test_under_torchrun_only_the_main_process_clears_or_repairs_a_folder(tmp_path, monkeypatch):
@@ -340,10 +390,10 @@ def test_under_torchrun_only_the_main_process_clears_or_repairs_a_folder(tmp_pat
     (out / "metrics.jsonl").write_text("")
     config, explicit = parse_args(["--out-dir", str(out), "--restart"])
     monkeypatch.setenv("RANK", "1")
-    train_main.settle(config, explicit)
+    assert train_main.config_to_run(config, explicit) == (config, None)
     assert (out / "latest" / "config.json").is_file() and (out / "metrics.jsonl").is_file()
     monkeypatch.setenv("RANK", "0")
-    train_main.settle(config, explicit)
+    train_main.config_to_run(config, explicit)
     assert not (out / "latest").exists() and not (out / "metrics.jsonl").exists()
 
     (out / ".latest.old").mkdir()
@@ -387,31 +437,35 @@ def assert_stopped_for_space_keeping(out: Path, result_stderr: str, step: int) -
     assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".old")) or ".tmp" in p.name]
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(small_disk, small_text, cache):
+def test_a_full_disk_keeps_the_previous_checkpoint(small_disk, small_text, cache, tiny_flags, run_train, train_script):
     out = small_disk / "out"
     args = ["--max-steps", "10", "--checkpoint-interval", "5", "--log-interval", "1"]
-    result = run([sys.executable, TRAIN, *flags(out, small_text, cache, *args)])
+    result = run_train([sys.executable, train_script, *tiny_flags(out, small_text, cache, *args)])
     assert result.returncode != 0
     assert_stopped_for_space_keeping(out, result.stderr, 5)
     # a new run in the 10 MB left: its first checkpoint does not fit, and the message claims none kept
-    message = main(flags(small_disk / "new", small_text, cache, "--max-steps", "2"))
+    message = main(tiny_flags(small_disk / "new", small_text, cache, "--max-steps", "2"))
     assert isinstance(message, str) and "no space left on the device at" in message, message
     assert "no checkpoint was written yet" in message and "intact" not in message
 
 
-def test_a_full_disk_met_by_the_metrics_log_is_a_message_not_a_traceback(tmp_path, small_text, cache, monkeypatch):
+def test_a_full_disk_met_by_the_metrics_log_is_a_message_not_a_traceback(
+    tmp_path, small_text, cache, monkeypatch, tiny_flags
+):
     def full(folder, row):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "metrics.jsonl"))
 
     monkeypatch.setattr(outputs, "append_metrics", full)
-    message = main(flags(tmp_path / "out", small_text, cache, "--max-steps", "5"))
+    message = main(tiny_flags(tmp_path / "out", small_text, cache, "--max-steps", "5"))
     assert isinstance(message, str) and f"no space left on the device at {tmp_path / 'out'};" in message, message
 
 
-def test_a_disk_filled_mid_run_keeps_the_checkpoint_and_resumes(small_disk, small_text, cache, wrapper, tmp_path):
+def test_a_disk_filled_mid_run_keeps_the_checkpoint_and_resumes(
+    small_disk, small_text, cache, wrapper, tmp_path, tiny_flags, read_metrics
+):
     out, ready, go, filler = small_disk / "out", tmp_path / "ready", tmp_path / "go", small_disk / "filler"
     env = {"AFTER_STEP": "6", "THEN": "pause", "READY": str(ready), "GO": str(go)}
-    args = flags(out, small_text, cache, "--max-steps", "10", "--checkpoint-interval", "5", "--log-interval", "1")
+    args = tiny_flags(out, small_text, cache, "--max-steps", "10", "--checkpoint-interval", "5", "--log-interval", "1")
     first = subprocess.Popen([sys.executable, wrapper, *args], env={**os.environ, "OMP_NUM_THREADS": "1", **env},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 120
@@ -432,18 +486,20 @@ def test_a_disk_filled_mid_run_keeps_the_checkpoint_and_resumes(small_disk, smal
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     assert main(["--resume", "--out-dir", out]) == 0
     assert state_step(out / "latest") == 10
-    assert_no_repeated_rows(out)
+    assert_no_repeated_rows(read_metrics(out))
 
 
 # -- 7. kills at random moments
 
 
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, small_text, cache, wrapper):
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(
+    tmp_path, small_text, cache, wrapper, tiny_flags, read_metrics
+):
     settings = ["--max-steps", "24", "--checkpoint-interval", "2", "--log-interval", "1", "--dropout", "0.1"]
-    assert main(flags(tmp_path / "straight", small_text, cache, *settings)) == 0
+    assert main(tiny_flags(tmp_path / "straight", small_text, cache, *settings)) == 0
 
     out, stepping = tmp_path / "out", tmp_path / "stepping"
-    args = [sys.executable, wrapper, *flags(out, small_text, cache, *settings)]
+    args = [sys.executable, wrapper, *tiny_flags(out, small_text, cache, *settings)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPPING": str(stepping)}
 
     def launch() -> subprocess.Popen:
@@ -479,7 +535,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, small_
     assert process.returncode == 0, stderr
     assert state_step(out / "latest") == 24
     assert_same_weights(tmp_path / "straight" / "latest", out / "latest")
-    assert_no_repeated_rows(out)
+    assert_no_repeated_rows(read_metrics(out))
     assert landed  # the checkpoints the kills left, e.g. [(latest, 8), (latest, 8), (latest, 8), (latest, 16)]
 
 
@@ -498,66 +554,87 @@ def trainer_for(config: TrainConfig, world_size: int, rank: int = 0) -> Trainer:
 
 @pytest.mark.parametrize("preset", ["h100", "t4"])
 @pytest.mark.parametrize("world_size", [1, 2, 8])
-def test_presets_split_the_batch_over_processes(tmp_path, small_text, cache, no_ddp, preset, world_size):
+def test_presets_split_the_batch_over_processes(tmp_path, small_text, cache, preset, world_size):
     shape = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32"]
     for micro in ([], ["--micro-batch-size", "2"]):
         config, _ = parse_args(
             ["--preset", preset, *shape, *micro, "--data", str(small_text), "--cache-dir", str(cache)]
         )
-        for rank in {0, world_size - 1}:
-            trainer = trainer_for(config, world_size, rank)
-            assert trainer.micro_batch * trainer.accum_steps * world_size == config.batch_size == 32
-            assert trainer.micro_batch == (int(micro[1]) if micro else 32 // world_size)
-            assert trainer.seq_len == 32
+        plan, _ = prepare(config, world_size)
+        assert plan.micro_batch * plan.accum_steps * world_size == plan.batch_size == config.batch_size == 32
+        assert plan.micro_batch == (int(micro[1]) if micro else 32 // world_size)
+        assert plan.seq_len == 32 and plan.world_size == world_size
 
 
 def test_a_batch_that_processes_cannot_share_is_refused(tmp_path, small_text, cache, no_ddp):
-    from train.data import DataError
-
     shape = ["--block-size", "32", "--n-embd", "16", "--n-head", "2", "--n-layer", "1"]
     config, _ = parse_args([*shape, "--data", str(small_text), "--cache-dir", str(cache), "--micro-batch-size", "8"])
-    with pytest.raises(DataError, match="--micro-batch-size"):
+    with pytest.raises(ConfigError, match="--micro-batch-size x processes \\(8 x 3 processes\\), got 32"):
         trainer_for(config, 3)  # 32 is not a multiple of 8 x 3
 
 
-def test_held_out_loss_and_mfu_do_not_depend_on_the_number_of_processes(tmp_path, small_text, cache, no_ddp):
-    config, _ = parse_args(flags(tmp_path / "out", small_text, cache, "--eval-batches", "3"))
+def test_held_out_loss_and_mfu_do_not_depend_on_the_number_of_processes(
+    tmp_path, small_text, cache, no_ddp, tiny_flags
+):
+    config, _ = parse_args(tiny_flags(tmp_path / "out", small_text, cache, "--eval-batches", "3"))
     one, two = trainer_for(config, 1), trainer_for(config, 2)
-    assert (one.micro_batch, two.micro_batch) == (8, 4)
+    assert (one.plan.micro_batch, two.plan.micro_batch) == (8, 4)
     assert one.val_loss() == pytest.approx(two.val_loss(), rel=1e-6)
     rows = []
     for trainer in (one, two):
         trainer.machine.peak_flops = lambda: 1e12
-        trainer.steps_since_log, trainer.log_sum = 1, torch.tensor(1.0, dtype=torch.float64)
+        trainer.progress.log_steps, trainer.progress.log_sum = 1, torch.tensor(1.0, dtype=torch.float64)
         rows.append(trainer.log_row(1e-3, torch.tensor(1.0), seconds=1.0, flops_per_token=1e6))
     assert rows[0]["tokens_per_second"] == rows[1]["tokens_per_second"] == 8 * 32
     assert rows[0]["mfu"] == round(1e6 * 8 * 32 / 1e12, 4) and rows[1]["mfu"] == round(1e6 * 8 * 32 / 2 / 1e12, 4)
 
 
-def test_two_gloo_processes_one_late_stop_on_the_time_budget(tmp_path, small_text, cache, wrapper):
-    args = flags(tmp_path / "out", small_text, cache, "--max-steps", "100000", "--max-minutes", "0.04")
+def test_two_gloo_processes_one_late_stop_on_the_time_budget(
+    tmp_path, small_text, cache, wrapper, tiny_flags, run_train, read_metrics
+):
+    args = tiny_flags(tmp_path / "out", small_text, cache, "--max-steps", "100000", "--max-minutes", "0.04")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", wrapper, *args]
-    result = run(command, env={"LATE_RANK": "1", "LATE_SECONDS": "3"}, cwd=tmp_path)
+    result = run_train(command, env={"LATE_RANK": "1", "LATE_SECONDS": "3"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "time budget of 0.04 minutes reached" in result.stdout and "Traceback" not in result.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["reason"].startswith("time budget") and 0 < summary["steps"] < 100000
     assert state_step(tmp_path / "out" / "latest") == summary["steps"]
-    assert_no_repeated_rows(tmp_path / "out")
+    assert_no_repeated_rows(read_metrics(tmp_path / "out"))
 
 
 # -- 9. --init
 
 
-def test_init_applies_the_trainers_dropout(tmp_path, small_text, cache):
+def test_init_applies_the_trainers_dropout(tmp_path, small_text, cache, tiny_flags):
     source = tmp_path / "source"
     torch.manual_seed(0)
     GPT(GPTConfig.from_preset("tiny", block_size=32)).save_pretrained(source)
-    config, _ = parse_args(flags(tmp_path / "out", small_text, cache, "--init", source, "--dropout", "0.2"))
-    model = build_model(config)
+    config, _ = parse_args(tiny_flags(tmp_path / "out", small_text, cache, "--init", source, "--dropout", "0.2"))
+    model = build_model(*prepare(config, 1))
     assert model.config.dropout == 0.2
     assert all(m.p == 0.2 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     loaded = GPT.from_pretrained(source).state_dict()
     assert all(torch.equal(value, loaded[name]) for name, value in model.state_dict().items())
     trainer = trainer_for(config, 1)
     assert trainer.model.config.dropout == 0.2 and trainer.model.config.n_embd == 32
+
+
+def test_under_init_the_plan_trains_on_the_init_models_context(tmp_path, small_text, cache, capsys, tiny_flags):
+    """--init brings its own shape: its context (not --block-size's or --model-preset's) bounds --seq-len and is
+    the sequence length when --seq-len is not given."""
+    source, out = tmp_path / "source", tmp_path / "out"
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_preset("tiny", block_size=16)).save_pretrained(source)
+    config, _ = parse_args(tiny_flags(out, small_text, cache, "--init", source))  # the tiny flags say --block-size 32
+    assert config.gpt_config().block_size == 32
+    plan, _ = prepare(config, 1)
+    assert plan.seq_len == plan.context == 16 and plan.shape.n_embd == 32
+    trainer = trainer_for(config, 1)
+    assert trainer.plan == plan and trainer.batches.next()[0].shape == (8, 16)
+
+    message = main(tiny_flags(out, small_text, cache, "--init", source, "--seq-len", "24"))
+    assert message == 2 and "--seq-len must be at most the model's context (16), got 24" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(tiny_flags(out, small_text, cache, "--init", tmp_path / "nowhere")).startswith("error: --init ")
+    assert not out.exists()

@@ -1,15 +1,22 @@
 """The training settings: one dataclass whose fields are the command-line flags (with their help text),
-the named presets, parsing, validation, and what `--resume` may change."""
+the named presets, parsing, each flag's own range, what `--resume` may change, and the old names that still
+work. Checks that need several flags with the machine and the model are train/plan.py's."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass, field, fields
 
 from model import PRESETS as MODEL_PRESETS
 from model import GPTConfig
 from model.device import DTYPES
+
+from .outputs import DEFAULT_OUT_DIR
+
+log = logging.getLogger("train")
 
 
 def flag(default, help: str, **metadata):
@@ -35,6 +42,38 @@ def parse_switch(text) -> str:
     if str(text).strip().lower() == "auto":
         return "auto"
     return "true" if parse_bool(text) else "false"
+
+
+# Names that changed; the old ones keep working (a command line says so in one line, a checkpoint silently).
+RENAMED_PRESETS = {"recipe-a": "gpt2-4x1024", "recipe-b": "gpt2-32x256"}
+RENAMED_FIELDS = {"model": "model_preset"}
+
+
+def deprecated(old: str, new: str) -> None:
+    """One line on stderr, from the main process only (torchrun starts one process per device)."""
+    if os.environ.get("RANK", "0") == "0":
+        log.warning("%s is deprecated: use %s", old, new)
+
+
+def parse_preset(text) -> str:
+    """A --preset name, the old recipe-a / recipe-b turned into their new names."""
+    if text in RENAMED_PRESETS:
+        deprecated(f"--preset {text}", f"--preset {RENAMED_PRESETS[text]}")
+    return RENAMED_PRESETS.get(text, text)
+
+
+def parse_old_model_flag(text) -> str:
+    """--model NAME, the old spelling of --model-preset NAME."""
+    deprecated("--model", "--model-preset")
+    return text
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A configuration as an older trainer saved it, in today's field and preset names."""
+    upgraded = {RENAMED_FIELDS.get(name, name): value for name, value in saved.items()}
+    if upgraded.get("preset") in RENAMED_PRESETS:
+        upgraded["preset"] = RENAMED_PRESETS[upgraded["preset"]]
+    return upgraded
 
 
 # Settings a resumed run may change: how long it runs, how it reports, where it uploads. Anything else
@@ -65,24 +104,29 @@ class TrainConfig:
     """Every training setting. Each field is a flag (`--batch-size` or `--batch_size`); a preset fills
     them, explicit flags win."""
 
-    preset: str = flag("recipe-b", "named settings to start from (explicit flags override them)")
-    data: str = flag("", "a text file, or a folder whose .txt files are read in name order; default: "
-                     "$SM_CHANNEL_TRAINING, else Tiny Shakespeare downloaded once into --cache-dir")  # fmt: skip
-    out_dir: str = flag("", "where the run's checkpoints, metrics and curve go; default: $SM_MODEL_DIR, else out/")
+    preset: str = flag("gpt2-32x256", "named settings to start from (explicit flags override them)",
+                       parse=parse_preset)  # fmt: skip
+    data: str = flag("", "a text file, a folder whose .txt files are read in name order, or an http(s) URL "
+                     "downloaded once into --cache-dir; default: $SM_CHANNEL_TRAINING, else the shipped "
+                     "data/tinyshakespeare.txt")  # fmt: skip
+    out_dir: str = flag("", "where the run's checkpoints, metrics and curve go; default: $SM_MODEL_DIR, else "
+                        f"{DEFAULT_OUT_DIR}/")  # fmt: skip
     checkpoint_dir: str = flag("", "where checkpoints are written and resumed from; default: SageMaker's "
                                "/opt/ml/checkpoints when it exists, else --out-dir")  # fmt: skip
     cache_dir: str = flag("~/.cache/shakespeare-gpt", "downloaded text and token caches")
     restart: bool = flag(False, "start a new run in an --out-dir that holds an earlier one, replacing the files "
                          "the trainer wrote there (never others)")  # fmt: skip
     # model: the shape of a GPTConfig preset, any field overridden
-    model: str = flag("gpt2", f"model shape: a GPTConfig preset ({', '.join(MODEL_PRESETS)}); gpt2 is GPT-2 124M")
-    n_layer: int = flag(0, "transformer blocks; 0 = the --model preset's")
-    n_head: int = flag(0, "attention heads; 0 = the --model preset's")
-    n_embd: int = flag(0, "embedding width; 0 = the --model preset's")
-    block_size: int = flag(0, "the model's context in tokens; 0 = the --model preset's")
+    model_preset: str = flag("gpt2", f"model shape: a GPTConfig preset ({', '.join(MODEL_PRESETS)}); gpt2 is "
+                             "GPT-2 124M (--model is its old name)")  # fmt: skip
+    n_layer: int = flag(0, "transformer blocks; 0 = the --model-preset's")
+    n_head: int = flag(0, "attention heads; 0 = the --model-preset's")
+    n_embd: int = flag(0, "embedding width; 0 = the --model-preset's")
+    block_size: int = flag(0, "the model's context in tokens; 0 = the --model-preset's")
     dropout: float = flag(0.0, "dropout probability while training (also applied to an --init model)")
-    init: str = flag("", "start from these weights (any GPT.from_pretrained source) to fine-tune")
-    seq_len: int = flag(0, "tokens per training sequence; 0 = the model's context (also when --model or "
+    init: str = flag("", "start from these weights (any GPT.from_pretrained source) to fine-tune; their shape "
+                     "and context replace the --model-preset's")  # fmt: skip
+    seq_len: int = flag(0, "tokens per training sequence; 0 = the model's context (also when --model-preset or "
                         "--block-size is given without --seq-len)")  # fmt: skip
     # optimisation
     batch_size: int = flag(32, "sequences per optimizer step, over all processes and accumulation steps")
@@ -119,17 +163,16 @@ class TrainConfig:
         self.validate()
 
     def gpt_config(self) -> GPTConfig:
-        """The model shape: the --model preset with the fields given here (GPTConfig validates it)."""
+        """The shape a new model gets: the --model-preset with the fields given here (GPTConfig validates it).
+        An --init model keeps its own (train/plan.py's RunPlan.shape is the one trained)."""
         shape = dict(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, block_size=self.block_size)
         try:
-            return GPTConfig.from_preset(self.model, dropout=self.dropout, **{k: v for k, v in shape.items() if v})
+            return GPTConfig.from_preset(
+                self.model_preset, dropout=self.dropout, **{k: v for k, v in shape.items() if v}
+            )
         except ValueError as err:  # name the flag, not the GPTConfig field
             message = str(err).replace("GPTConfig.", "--").replace("_", "-")
-            raise ValueError(message.replace("preset", "--model preset")) from None
-
-    @property
-    def sequence_length(self) -> int:
-        return self.seq_len or self.gpt_config().block_size
+            raise ValueError(message.replace("unknown preset", "unknown --model-preset")) from None
 
     def validate(self) -> None:
         """Every value in its range, each error naming its flag."""
@@ -160,23 +203,19 @@ class TrainConfig:
         check(self.compile in ("auto", "true", "false"), "compile", "auto, true or false")
         check(not self.push_to_hub or self.push_to_hub.count("/") == 1, "push_to_hub", "a repo id like user/repo")
         check(not (self.resume and self.restart), "restart", "off with --resume")
-        context = self.gpt_config().block_size
-        if not self.init:
-            check(self.seq_len <= context, "seq_len", f"at most the model's context ({context})")
-        if self.micro_batch_size:
-            check(self.batch_size % self.micro_batch_size == 0, "batch_size", "a multiple of --micro-batch-size")
+        self.gpt_config()  # the shape flags make a model
 
 
 PRESETS: dict[str, dict] = {
     # TSAI-S12: GPT-2 124M (context 1024) on batches of 32 x 256 tokens, on a T4
-    "recipe-b": dict(seq_len=256),
+    "gpt2-32x256": dict(seq_len=256),
     # the notebook recipe: batches of 4 x 1024
-    "recipe-a": dict(batch_size=4, lr=3e-4, max_steps=12000, target_loss=0.1),
+    "gpt2-4x1024": dict(batch_size=4, lr=3e-4, max_steps=12000, target_loss=0.1),
     "t4": dict(seq_len=256, dtype="float16", compile="true"),
     "h100": dict(seq_len=256, dtype="bfloat16", compile="true"),
     # The model shipped in assets/: 2 CPU cores, under an hour, a file under 32 MiB.
     "cpu": dict(
-        model="cpu-small",
+        model_preset="cpu-small",
         batch_size=16,
         lr=2e-3,
         min_lr=2e-4,
@@ -187,7 +226,7 @@ PRESETS: dict[str, dict] = {
         eval_interval=100,
         checkpoint_interval=100,
         log_interval=10,
-        # 2.1x the tokens/s of eager fp32 on a 2-core CPU (bench/train_throughput.py)
+        # the fastest of bench/train_throughput.py's variants on a 2-core CPU
         dtype="bfloat16",
         compile="true",
     ),
@@ -215,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         if option.name == "preset":
             kwargs["choices"] = list(PRESETS)
         parser.add_argument(*names, **kwargs)
+    parser.add_argument("--model", dest="model_preset", type=parse_old_model_flag, help=argparse.SUPPRESS)
     return parser
 
 
@@ -223,7 +263,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     parser = build_parser()
     explicit = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = dict(PRESETS[explicit.get("preset", TrainConfig.preset)])
-    if {"block_size", "model"} & explicit.keys():  # a shape asked for trains on its context, unless --seq-len says
+    # a shape asked for trains on its context, unless --seq-len says
+    if {"block_size", "model_preset"} & explicit.keys():
         preset.pop("seq_len", None)
     try:
         config = TrainConfig(**{**preset, **explicit})
@@ -240,7 +281,7 @@ def resumed_config(saved: dict, explicit: dict) -> TrainConfig:
     """The configuration a run was saved with, changed only where explicit flags may change it
     (RESUMABLE); any other flag that differs is an error naming it."""
     known = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    config = TrainConfig(**{k: v for k, v in upgrade_saved(saved).items() if k in known})
     refused = sorted(
         f"--{name.replace('_', '-')} {value!r} (the run has {getattr(config, name)!r})"
         for name, value in explicit.items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from model.saving import atomic_write
 
 log = logging.getLogger("train")
 
+# The text the project ships: the default --data, so training needs no network.
+SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+# Where the shipped copy came from; a download of it is checked against its known size.
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SIZE = 1_115_394
 
@@ -24,29 +28,35 @@ class DataError(ValueError):
     """Training text that cannot be used; the message says what to do."""
 
 
-def download(cache_dir: Path) -> Path:
-    """Tiny Shakespeare, downloaded once into cache_dir."""
-    path = cache_dir / "input.txt"
-    if path.is_file() and path.stat().st_size == DATA_SIZE:
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def download(url: str, cache_dir: Path) -> Path:
+    """The text at url, downloaded once into cache_dir (named by the URL, so two URLs never share a file)."""
+    name = Path(urllib.parse.urlparse(url).path).name or "data.txt"
+    path = cache_dir / "downloads" / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{name}"
+    expected = DATA_SIZE if url == DATA_URL else None
+    if path.is_file() and (expected is None or path.stat().st_size == expected):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading Tiny Shakespeare from %s", DATA_URL)
+    log.info("downloading %s", url)
     try:
-        with urllib.request.urlopen(DATA_URL, timeout=60) as response:
+        with urllib.request.urlopen(url, timeout=60) as response:
             body = response.read()
     except OSError as err:
-        raise DataError(f"could not download {DATA_URL} ({err}); pass --data PATH to a local text file") from err
-    if len(body) != DATA_SIZE:
-        raise DataError(f"downloaded {len(body)} bytes from {DATA_URL}, expected {DATA_SIZE}; pass --data PATH")
+        raise DataError(f"could not download {url} ({err}); pass --data PATH to a local text file") from err
+    if expected is not None and len(body) != expected:
+        raise DataError(f"downloaded {len(body)} bytes from {url}, expected {expected}; pass --data PATH")
     return atomic_write(path, lambda p: p.write_bytes(body))
 
 
 def find_texts(data: str, cache_dir: str) -> list[Path]:
-    """The text files to train on: --data (a file, or every .txt of a folder in name order), else
-    SageMaker's training channel, else a downloaded copy of Tiny Shakespeare."""
-    source = data or os.environ.get("SM_CHANNEL_TRAINING", "")
-    if not source:
-        return [download(Path(cache_dir).expanduser())]
+    """The text files to train on: --data (a file, every .txt of a folder in name order, or a URL downloaded
+    once into cache_dir), else SageMaker's training channel, else the shipped Tiny Shakespeare."""
+    source = data or os.environ.get("SM_CHANNEL_TRAINING", "") or str(SHIPPED_DATA)
+    if is_url(source):
+        return [download(source, Path(cache_dir).expanduser())]
     path = Path(source).expanduser()
     if path.is_dir():
         texts = sorted(p for p in path.glob("*.txt") if p.is_file())
@@ -99,8 +109,8 @@ def split_held_out(tokens, val_fraction: float):
 
 
 class Batches:
-    """Deterministic passes of non-overlapping windows: pass e shuffles the windows that start at
-    a random offset, both drawn from (seed, e), so an (epoch, index) position resumes exactly.
+    """Deterministic passes of non-overlapping windows: pass n shuffles the windows that start at a
+    random offset, both drawn from (seed, n), so a (pass, index) position resumes exactly.
     Every process draws the same batches; each trains on its own share of the rows."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int) -> None:
@@ -111,33 +121,35 @@ class Batches:
                 f"the training split has {len(tokens)} tokens: too short for one batch of "
                 f"{batch_size} x {seq_len}; use more data or a smaller --batch-size / --seq-len"
             )
-        self.per_epoch = self.windows // batch_size
-        self.epoch, self.index = 0, 0
-        self._starts = self._epoch_starts(0)
+        self.per_pass = self.windows // batch_size
+        self.current_pass, self.index = 0, 0
+        self._starts = self._pass_starts(0)
 
-    def _epoch_starts(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+    def _pass_starts(self, number: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + number)
         # windows * seq_len <= len - seq_len, so any offset below seq_len leaves room for the targets
         offset = int(torch.randint(0, self.seq_len, (1,), generator=generator))
         order = torch.randperm(self.windows, generator=generator)
         return (offset + order * self.seq_len).to(self.tokens.device)
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"pass": self.current_pass, "index": self.index}
 
     def load_state(self, state: dict) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
-        self._starts = self._epoch_starts(self.epoch)
+        # checkpoints written before the rename to "pass" call it "epoch"
+        self.current_pass = state["pass"] if "pass" in state else state["epoch"]
+        self.index = state["index"]
+        self._starts = self._pass_starts(self.current_pass)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Inputs and targets (batch_size, seq_len), and whether this batch ends a pass."""
         starts = self._starts[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         window = windows(self.tokens, starts, self.seq_len)
         self.index += 1
-        ends_pass = self.index == self.per_epoch
+        ends_pass = self.index == self.per_pass
         if ends_pass:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._starts = self._epoch_starts(self.epoch)
+            self.current_pass, self.index = self.current_pass + 1, 0
+            self._starts = self._pass_starts(self.current_pass)
         return window[:, :-1], window[:, 1:], ends_pass
 
 

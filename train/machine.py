@@ -57,11 +57,12 @@ class Machine:
         name = torch.cuda.get_device_name(self.device)
         return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
-    def all_agree(self, flags: list[float]) -> list[float]:
-        """The element-wise maximum of flags over all processes (each one's own flags alone when single)."""
+    def max_over_processes(self, values: list[float]) -> list[float]:
+        """The element-wise maximum of values over all processes (this one's own values when it is alone):
+        any process's flag raised is every process's."""
         if self.world_size == 1:
-            return flags
-        tensor = torch.tensor(flags, device=self.device, dtype=torch.float64)
+            return values
+        tensor = torch.tensor(values, device=self.device, dtype=torch.float64)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.tolist()
 

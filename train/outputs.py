@@ -16,13 +16,17 @@ import torch
 
 from model import GPT
 from model.hub import UPLOAD_FILES
+from model.layout import LOSS_CURVE_NAME
 from model.saving import atomic_write
 
 log = logging.getLogger("train")
 
+DEFAULT_OUT_DIR = "out"  # the run folder without --out-dir or SageMaker's SM_MODEL_DIR
 STATE_NAME = "train_state.pt"
-CHECKPOINTS = ("latest", "best")
-LOG_FILES = ("metrics.jsonl", "summary.json", "loss_curve.png")
+LATEST, BEST = "latest", "best"  # the newest checkpoint; the one with the best held-out loss
+CHECKPOINTS = (LATEST, BEST)
+METRICS_NAME, SUMMARY_NAME = "metrics.jsonl", "summary.json"
+LOG_FILES = (METRICS_NAME, SUMMARY_NAME, LOSS_CURVE_NAME)
 LOCK_NAME = ".train.lock"
 SAGEMAKER_CHECKPOINTS = Path("/opt/ml/checkpoints")  # synced to the estimator's checkpoint_s3_uri
 
@@ -33,7 +37,7 @@ class OutputError(RuntimeError):
 
 def out_dirs(out_dir: str, checkpoint_dir: str) -> tuple[Path, Path, bool]:
     """(the run folder, the checkpoint folder, whether the latter is SageMaker's spot-safe default)."""
-    out = Path(out_dir or os.environ.get("SM_MODEL_DIR", "out")).expanduser()
+    out = Path(out_dir or os.environ.get("SM_MODEL_DIR", DEFAULT_OUT_DIR)).expanduser()
     if checkpoint_dir:
         return out, Path(checkpoint_dir).expanduser(), False
     if SAGEMAKER_CHECKPOINTS.is_dir():
@@ -135,7 +139,7 @@ def save_checkpoint(folder: Path, name: str, model: GPT, state: dict, card: str,
         shutil.rmtree(tmp, ignore_errors=True)
         full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
         if full or (isinstance(err, RuntimeError) and shutil.disk_usage(folder).free < 1 << 20):
-            raise no_space(folder, previous=(folder / "latest" / STATE_NAME).is_file()) from None
+            raise no_space(folder, previous=(folder / LATEST / STATE_NAME).is_file()) from None
         raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -155,22 +159,22 @@ def copy_model(source: Path, target: Path) -> None:
 
 def latest_checkpoint(folder: Path) -> Path | None:
     repair(folder)
-    return folder / "latest" if (folder / "latest" / STATE_NAME).is_file() else None
+    return folder / LATEST if (folder / LATEST / STATE_NAME).is_file() else None
 
 
 def write_metrics(folder: Path, rows: list[dict]) -> None:
     """The whole metrics log (on resume: exactly the rows up to the checkpoint's step)."""
     text = "".join(json.dumps(row) + "\n" for row in rows)
-    atomic_write(folder / "metrics.jsonl", lambda p: p.write_text(text))
+    atomic_write(folder / METRICS_NAME, lambda p: p.write_text(text))
 
 
 def append_metrics(folder: Path, row: dict) -> None:
-    with open(folder / "metrics.jsonl", "a") as f:
+    with open(folder / METRICS_NAME, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 def plot(folder: Path, history: list[dict]) -> Path:
-    """The loss curve (train per log step, held-out per evaluation) as folder/loss_curve.png."""
+    """The loss curve (train per log step, held-out per evaluation) as folder/LOSS_CURVE_NAME."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +193,7 @@ def plot(folder: Path, history: list[dict]) -> Path:
         ax.legend()
     try:
         return atomic_write(
-            folder / "loss_curve.png", lambda p: fig.savefig(p, format="png", dpi=100, bbox_inches="tight")
+            folder / LOSS_CURVE_NAME, lambda p: fig.savefig(p, format="png", dpi=100, bbox_inches="tight")
         )
     finally:
         plt.close(fig)

@@ -1,0 +1,92 @@
+"""What a run shows and hands on besides its weights: sample text, the model card and loss curve saved with
+each checkpoint, the summary, the final model where SageMaker collects it, and the Hub upload."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from model import generate, render_model_card, stream_text
+from model.hub import upload_folder
+from model.layout import LOSS_CURVE_NAME, WEIGHTS_NAME
+from model.saving import atomic_write
+from serve.policy import EXAMPLE_PROMPTS, default_params
+
+from . import outputs
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+log = logging.getLogger("train")
+
+
+def samples(model, tokenizer, config: TrainConfig) -> dict[str, str]:
+    """sample_tokens of text after each example prompt, drawn as the app starts drawing."""
+    out = {}
+    params = default_params(seed=config.seed)
+    for prompt in EXAMPLE_PROMPTS:
+        ids = generate(model, tokenizer.encode(prompt), config.sample_tokens, params=params)
+        out[prompt] = prompt + "".join(stream_text(ids, tokenizer))
+    return out
+
+
+def summary(trainer: Trainer, val: float | None) -> dict:
+    """The run so far, for the model card and summary.json."""
+    c, plan, p = trainer.config, trainer.plan, trainer.progress
+    train_loss, basis = p.train_loss()
+    return {
+        "train_loss": None if train_loss is None else round(train_loss, 4),
+        "train_loss_basis": basis,
+        "val_loss": None if val is None else round(val, 4),
+        "steps": p.step,
+        "tokens": p.step * plan.tokens_per_step,
+        "train_minutes": round(p.elapsed / 60, 1),
+        "hardware": trainer.machine.hardware(),
+        "preset": c.preset,
+        "batch": f"{plan.batch_size} x {plan.seq_len}",
+        "val_fraction": c.val_fraction,
+    }
+
+
+def warn_missing(what: str, err: Exception) -> None:
+    log.warning("could not %s (%s: %s); the checkpoint is saved without it", what, type(err).__name__, err)
+
+
+def card_and_curve(trainer: Trainer, val: float | None) -> tuple[str, list]:
+    """The model card (with samples) and the loss curve: a failure here is a warning, never a lost checkpoint."""
+    try:
+        curve = [outputs.plot(trainer.out_dir, trainer.progress.history)]
+    except Exception as err:  # matplotlib missing or failing
+        warn_missing("draw the loss curve", err)
+        curve = []
+    try:
+        texts = samples(trainer.model, trainer.tokenizer, trainer.config) if trainer.config.sample_tokens else {}
+    except Exception as err:
+        warn_missing("write sample text", err)
+        texts = {}
+    body = "## Samples\n\n" + "".join(f"```text\n{text}\n```\n\n" for text in texts.values()) if texts else ""
+    body += f"![loss curve]({LOSS_CURVE_NAME})\n" if curve else ""
+    model_id = trainer.config.push_to_hub or "path/to/this/folder"
+    return render_model_card(trainer.model.config, summary(trainer, val), body, model_id=model_id), curve
+
+
+def finish(trainer: Trainer, run_summary: dict) -> None:
+    """On the main process: summary.json, the final model where SageMaker collects it, the upload."""
+    out_dir, checkpoint_dir, c = trainer.out_dir, trainer.checkpoint_dir, trainer.config
+    text = json.dumps(run_summary, indent=2) + "\n"
+    atomic_write(out_dir / outputs.SUMMARY_NAME, lambda p: p.write_text(text))
+    best = checkpoint_dir / outputs.BEST
+    chosen = best if (best / WEIGHTS_NAME).is_file() else checkpoint_dir / outputs.LATEST
+    if checkpoint_dir != out_dir:  # SageMaker: the model tarball is made from SM_MODEL_DIR
+        for name in outputs.CHECKPOINTS:
+            if (checkpoint_dir / name).is_dir():
+                outputs.copy_model(checkpoint_dir / name, out_dir / name)
+    if c.push_to_hub and not trainer.stop_signal:
+        p = trainer.progress
+        score = f" (held-out loss {p.best_val:.4f} at step {p.best_step})" if chosen == best else ""
+        what = f"{chosen.name}/{score}"
+        log.info("uploading %s to %s", what, c.push_to_hub)
+        url = upload_folder(chosen, c.push_to_hub, private=c.private)
+        log.info("uploaded to https://huggingface.co/%s (%s)", c.push_to_hub, url)
