@@ -89,6 +89,28 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return choice if candidates is None else int(candidates[choice])
 
 
+TOP_ALTERNATIVES = 5
+
+
+@dataclass(frozen=True)
+class TokenProbability:
+    """How sure the model was of a token it generated: its probability under the model's own distribution
+    (softmax of the logits at temperature 1, before temperature, top-k or top-p), and the most probable
+    tokens under that same distribution as (id, probability), most probable first."""
+
+    id: int
+    p: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_probability(logits: torch.Tensor, token: int, k: int = TOP_ALTERNATIVES) -> TokenProbability:
+    """The TokenProbability of token from the logits it was drawn from (no second forward pass)."""
+    probs = logits.softmax(-1, dtype=torch.float32)
+    top = probs.topk(k)
+    alternatives = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return TokenProbability(token, float(probs[token]), alternatives)
+
+
 def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """sample_token with a SamplingParams' settings."""
     return sample_token(logits, params.temperature, params.top_k, params.top_p, generator)

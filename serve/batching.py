@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from model import GPT, SamplingParams
+from model.sampling import TokenProbability
 
 from .decoding import DecodeBatch, Row
 
@@ -26,10 +27,19 @@ _END = object()
 
 class TokenStream(Iterator[int]):
     """The tokens of one request as the scheduler produces them. close() (or dropping a generator that
-    reads it) cancels the request: its row leaves the batch at the next step."""
+    reads it) cancels the request: its row leaves the batch at the next step. A stream made with
+    probabilities also collects each token's TokenProbability, in order, in self.probabilities."""
 
-    def __init__(self, scheduler: Scheduler, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        params: SamplingParams,
+        probabilities: bool = False,
+    ):
         self.prompt_ids, self.max_new_tokens, self.params = prompt_ids, max_new_tokens, params
+        self.with_probabilities, self.probabilities = probabilities, []
         self.closed = False
         self._scheduler = scheduler
         self._items: queue.SimpleQueue = queue.SimpleQueue()
@@ -44,6 +54,9 @@ class TokenStream(Iterator[int]):
         if isinstance(item, BaseException):
             self.closed = True
             raise item
+        if isinstance(item, TokenProbability):
+            self.probabilities.append(item)
+            return item.id
         return item
 
     def close(self) -> None:
@@ -78,11 +91,14 @@ class Scheduler:
         self._stopped = False
         self._thread: threading.Thread | None = None
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams) -> TokenStream:
-        """Queue a request (token ids checked by the caller, at least one new token) and return its tokens."""
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams, probabilities: bool = False
+    ) -> TokenStream:
+        """Queue a request (token ids checked by the caller, at least one new token) and return its tokens
+        (with probabilities, the stream also collects each token's TokenProbability)."""
         if max_new_tokens < 1 or not prompt_ids:
             raise ValueError("a request needs a prompt and at least one new token")
-        stream = TokenStream(self, list(prompt_ids), max_new_tokens, params)
+        stream = TokenStream(self, list(prompt_ids), max_new_tokens, params, probabilities)
         with self._changed:
             if self._stopped:
                 raise RuntimeError("the scheduler is closed")
@@ -134,7 +150,10 @@ class Scheduler:
                 self._waiting = deque(stream for stream in self._waiting if not stream.closed)
                 while self._waiting and not self._batch.full:
                     stream = self._waiting.popleft()
-                    self._streams[self._batch.add(stream.prompt_ids, stream.max_new_tokens, stream.params)] = stream
+                    row = self._batch.add(
+                        stream.prompt_ids, stream.max_new_tokens, stream.params, stream.with_probabilities
+                    )
+                    self._streams[row] = stream
                 if self._stopped or self._streams:
                     return not self._stopped
                 self._changed.wait()
@@ -150,7 +169,7 @@ class Scheduler:
         while self._admit():
             try:
                 for row, token in self._batch.next_tokens():
-                    self._streams[row].put(token)
+                    self._streams[row].put(row.last_probability if row.probabilities else token)
                     if row.done:
                         self._leave(row)
                 self._batch.advance()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from model import EOT_TOKEN, GPT, SamplingError, SamplingParams, generate, load_tokenizer, stream_text
-from model.sampling import checked_number
+from model.sampling import TokenProbability, checked_number
 from model.tokenizer import TextEncoding
 
 from .batching import Scheduler
@@ -89,6 +89,7 @@ class RunStats:
     seconds: float = 0.0
     first_token_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
+    probabilities: list[TokenProbability] = field(default_factory=list)  # per token, when asked for
 
     @property
     def tokens_per_second(self) -> float:
@@ -121,13 +122,15 @@ def stream_completion(
     request: Request,
     tokenizer: TextEncoding | None = None,
     update_seconds: float = UPDATE_SECONDS,
+    probabilities: bool = False,
 ) -> Iterator[tuple[str, RunStats]]:
     """Yield the prompt followed by its continuation so far, with the run's figures: first the
     prompt alone, then the first token's text at once, then the grown text at most every
     update_seconds (0: every time it grows; longer while many requests run, so that all together send
     at most UPDATES_PER_SECOND), then once more with the final figures. The request runs
     as a row of the scheduler's batch; closing this generator takes it out at the next step. Its
-    timing starts here, so a wait for a free row counts in the time to its first token."""
+    timing starts here, so a wait for a free row counts in the time to its first token. With probabilities,
+    stats.probabilities holds each generated token's TokenProbability so far."""
     tokenizer = tokenizer or load_tokenizer()
     stats = RunStats(seed=request.seed)
     if request.cropped:
@@ -143,7 +146,8 @@ def stream_completion(
             stats.new_tokens += 1
             yield token
 
-    token_ids = scheduler.generate(request.prompt_ids, request.max_new_tokens, request.params)
+    token_ids = scheduler.generate(request.prompt_ids, request.max_new_tokens, request.params, probabilities)
+    stats.probabilities = token_ids.probabilities  # the stream appends to it as tokens arrive
     try:
         text, shown = request.prompt, -math.inf  # the first token is shown at once
         for chunk in stream_text(timed(token_ids), tokenizer):

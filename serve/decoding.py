@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, SamplingParams
-from model.sampling import draw, kept_after_shift, prompt_chunks
+from model.sampling import TokenProbability, draw, kept_after_shift, prompt_chunks, token_probability
 from model.tokenizer import EOT_TOKEN
 
 
@@ -30,6 +30,8 @@ class Row:
     new_tokens: int = 0
     logits: torch.Tensor | None = None
     done: bool = False
+    probabilities: bool = False  # keep the last token's TokenProbability (the probability view)
+    last_probability: TokenProbability | None = None
 
 
 class DecodeBatch:
@@ -60,15 +62,16 @@ class DecodeBatch:
     def full(self) -> bool:
         return not self._free
 
-    def add(self, tokens: list[int], max_new_tokens: int, params: SamplingParams) -> Row:
-        """A new row for a prompt's token ids (checked by the caller); it reads the last
-        block_size of them."""
+    def add(self, tokens: list[int], max_new_tokens: int, params: SamplingParams, probabilities: bool = False) -> Row:
+        """A new row for a prompt's token ids (checked by the caller); it reads the last block_size of them.
+        With probabilities, each sampled token's TokenProbability is kept in row.last_probability."""
         if self.full:
             raise RuntimeError(f"the batch is full ({self.max_rows} rows)")
         generator = torch.Generator(device=self.model.device)
         generator.manual_seed(params.seed)
         window = tokens[-self.model.config.block_size :]
         row = Row(list(tokens), max_new_tokens, params, self._free.pop(0), generator, pending=window)
+        row.probabilities = probabilities
         self.rows.append(row)
         return row
 
@@ -112,6 +115,8 @@ class DecodeBatch:
         sampled = []
         for row in [row for row in self.rows if row.logits is not None]:
             token = draw(row.logits, row.params, row.generator)
+            if row.probabilities:
+                row.last_probability = token_probability(row.logits, token)
             row.logits, row.new_tokens = None, row.new_tokens + 1
             row.tokens.append(token)
             sampled.append((row, token))

@@ -1,6 +1,7 @@
 """serve/completions.py and serve/model_facts.py: request checks, the streamed completion and its figures,
 the model's facts."""
 
+import copy
 import math
 
 import pytest
@@ -154,3 +155,83 @@ def test_closing_the_completion_frees_its_row(tiny, monkeypatch, slow_steps, wai
         assert scheduler.running == 1
         completion.close()
         assert wait_until(lambda: scheduler.running == 0, seconds=0.5)
+
+
+# -- the probability view: each generated token's probability and the top alternatives, from the sampler's logits
+
+
+@pytest.fixture(scope="module")
+def peaked(perturb, make_varied):
+    """A tiny model whose next-token distributions are far from flat, so probabilities tell tokens apart."""
+    torch.manual_seed(0)
+    return make_varied(perturb(GPT(GPTConfig.from_preset("tiny")))).eval()
+
+
+def plain_forward_probabilities(model, prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:
+    """softmax at temperature 1 of a plain forward pass (no cache) over prompt + generated tokens: row i is the
+    distribution the i-th generated token was drawn from."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([prompt_ids + new_ids]))
+    return logits[0, len(prompt_ids) - 1 : -1].float().softmax(-1)
+
+
+def assert_probabilities_match(records, expected: torch.Tensor, tolerance: float) -> None:
+    """Each record's p and top agree with the expected distribution within tolerance; at fp32 rounding the top
+    five are the same tokens in the same order (in int8, near-equal alternatives may swap places)."""
+    assert len(records) == len(expected)
+    for record, row in zip(records, expected, strict=True):
+        assert abs(record.p - float(row[record.id])) <= tolerance
+        top = row.topk(5)
+        assert all(abs(p - float(row[token])) <= tolerance for token, p in record.top)
+        assert all(abs(p - float(q)) <= tolerance for (_, p), q in zip(record.top, top.values, strict=True))
+        if tolerance < 1e-4:
+            assert [token for token, _ in record.top] == top.indices.tolist()
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.3, top_k=3, top_p=0.9)])
+def test_probabilities_are_the_models_own_before_any_filter(peaked, settings):
+    """p and top are the softmax at temperature 1 of the very logits the token was drawn from, whatever the
+    temperature, top-k and top-p: equal to a plain forward pass over the same tokens (fp32: to rounding)."""
+    params = SamplingParams(**settings, seed=3)
+    with Scheduler(peaked) as scheduler:
+        stream = scheduler.generate([464, 3290, 373], 12, params, probabilities=True)
+        new_ids = list(stream)
+        assert list(scheduler.generate([464, 3290, 373], 12, params)) == new_ids  # the view changes no token
+    assert [record.id for record in stream.probabilities] == new_ids
+    expected = plain_forward_probabilities(peaked, [464, 3290, 373], new_ids)
+    assert_probabilities_match(stream.probabilities, expected, 1e-5)
+    assert max(record.p for record in stream.probabilities) > 0.1  # a distribution that tells tokens apart
+
+
+def test_each_row_has_its_own_probabilities_in_a_batch(peaked):
+    """Rows decoded together each get the probabilities of their own tokens."""
+    with Scheduler(peaked, max_batch=4) as batched:
+        prompts = [[464, 3290, 373], [11, 12], list(range(300, 320))]
+        streams = [
+            batched.generate(p, 10, SamplingParams(1.0, seed=i), probabilities=True) for i, p in enumerate(prompts)
+        ]
+        outputs = [list(stream) for stream in streams]
+    for prompt, stream, new_ids in zip(prompts, streams, outputs, strict=True):
+        assert_probabilities_match(stream.probabilities, plain_forward_probabilities(peaked, prompt, new_ids), 1e-5)
+
+
+def test_int8_probabilities_match_a_plain_forward_pass_within_two_hundredths(peaked):
+    """On the default CPU path (int8 weights) the cached, batched decoder's probabilities stay within 0.02 of a
+    plain forward pass of the same int8 model over the same tokens."""
+    from serve.inference import int8_supported, quantize_int8
+
+    if not int8_supported():
+        pytest.skip("this PyTorch build has no fbgemm int8 kernels")
+    int8 = quantize_int8(copy.deepcopy(peaked))
+    with Scheduler(int8) as scheduler:
+        stream = scheduler.generate([464, 3290, 373], 16, SamplingParams(0.0, seed=0), probabilities=True)
+        new_ids = list(stream)
+    expected = plain_forward_probabilities(int8, [464, 3290, 373], new_ids)
+    assert_probabilities_match(stream.probabilities, expected, 0.02)
+    assert max(record.p for record in stream.probabilities) > 0.1
+
+
+def test_stream_completion_carries_the_probabilities_only_when_asked(tiny, scheduler):
+    *_, (_, with_view) = stream_completion(scheduler, request(tiny), probabilities=True)
+    *_, (_, without) = stream_completion(scheduler, request(tiny))
+    assert len(with_view.probabilities) == with_view.new_tokens == 10 and without.probabilities == []
