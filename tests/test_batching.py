@@ -158,17 +158,23 @@ def fake_costs(model, monkeypatch, seconds_per_token: float) -> list[float]:
     return now
 
 
+def batch_with_a_decoding_row(model, monkeypatch):
+    """A batch on the fake clock (chunks of 8, prompts of up to 4 tokens short) with one row decoding."""
+    monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(DecodeBatch, "SHORT_PREFILL", 4)
+    now = fake_costs(model, monkeypatch, 0.01)
+    batch = DecodeBatch(model, 4, clock=lambda: now[0])
+    running = batch.add([1, 2, 3], 60, SamplingParams(0.0, seed=0))
+    batch.next_tokens()
+    batch.advance()
+    return batch, running, now
+
+
 def test_a_long_prefill_takes_at_most_half_the_time_of_decoding_rows(int8_model, monkeypatch):
     """While rows decode, a long prompt's chunks take at most half of the time: after a chunk of 8 tokens, the
     next 8 one-token steps decode only; the decoding row keeps at least half its rate, and the prompt still
     gets through."""
-    monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 8)
-    monkeypatch.setattr(DecodeBatch, "SHORT_PREFILL", 4)
-    now = fake_costs(int8_model, monkeypatch, 0.01)
-    batch = DecodeBatch(int8_model, 4, clock=lambda: now[0])
-    running = batch.add([1, 2, 3], 60, SamplingParams(0.0, seed=0))
-    batch.next_tokens()
-    batch.advance()
+    batch, running, now = batch_with_a_decoding_row(int8_model, monkeypatch)
     long = batch.add(list(range(100, 124)), 5, SamplingParams(0.0, seed=0))  # three chunks of 8
     chunks_at, running_tokens, start = [], 0, now[0]
     for step in range(30):
@@ -184,13 +190,7 @@ def test_a_long_prefill_takes_at_most_half_the_time_of_decoding_rows(int8_model,
 def test_a_short_prompt_is_prefilled_at_once_behind_a_long_one(int8_model, monkeypatch):
     """A short prompt that arrives while a long one is being prefilled (and decoding rows are owed time) gets its
     first token at the next step."""
-    monkeypatch.setattr(sampling_module, "PREFILL_CHUNK", 8)
-    monkeypatch.setattr(DecodeBatch, "SHORT_PREFILL", 4)
-    now = fake_costs(int8_model, monkeypatch, 0.01)
-    batch = DecodeBatch(int8_model, 4, clock=lambda: now[0])
-    running = batch.add([1, 2, 3], 60, SamplingParams(0.0, seed=0))
-    batch.next_tokens()
-    batch.advance()
+    batch, running, now = batch_with_a_decoding_row(int8_model, monkeypatch)
     long = batch.add(list(range(100, 140)), 5, SamplingParams(0.0, seed=0))
     batch.next_tokens()  # its first chunk: now the decoding row is owed 0.08 s
     batch.advance()
