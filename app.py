@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
+import mimetypes
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
+from gradio.data_classes import ImageData
 from starlette.middleware import Middleware
 
 import serve
@@ -97,11 +100,22 @@ def sampling_controls(block_size: int) -> list[gr.components.Component]:
     ]
 
 
+def inline_image(path: Path, **options) -> gr.Image:
+    """A gr.Image of the file at path whose value is the file's bytes (a data: URL), not Gradio's copy of the
+    file in its cache, whose absolute path /config and the page would name. (Set after construction: a
+    subclass of gr.Image would have Gradio write a .pyi stub beside this file.)"""
+    kind = mimetypes.guess_type(path.name)[0] or "image/png"
+    url = f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    image = gr.Image(**options)
+    image.value = ImageData(url=url, orig_name=path.name, mime_type=kind).model_dump()
+    return image
+
+
 def model_panel(facts: serve.ModelFacts) -> None:
     with gr.Accordion("Model", open=True):
         gr.Markdown("".join(f"- **{k}**: {v}\n" for k, v in facts.rows()), elem_id="model-facts")
         if facts.loss_curve:
-            gr.Image(str(facts.loss_curve), label="Loss curve", buttons=["fullscreen", "download"])
+            inline_image(Path(facts.loss_curve), label="Loss curve", buttons=["fullscreen", "download"])
 
 
 def build(
@@ -167,9 +181,15 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     scheduler = serve.Scheduler(model, args.max_batch)
     demo = build(scheduler, facts, args.update_seconds)
-    guard = Middleware(guards.PerClientLimit, blocks=demo, limit=args.max_per_client)
+    # outermost first: every answer says nosniff, a malformed call is refused before it counts for its client
+    middleware = [
+        Middleware(guards.NoSniff),
+        Middleware(guards.WellFormedCalls, blocks=demo),
+        Middleware(guards.PerClientLimit, blocks=demo, limit=args.max_per_client),
+    ]
+    # monitoring off: Gradio's /monitoring would print its dashboard's secret URL to the log for any visitor
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                app_kwargs={"middleware": [guard]}, prevent_thread_lock=True)  # fmt: skip
+                app_kwargs={"middleware": middleware}, enable_monitoring=False, prevent_thread_lock=True)  # fmt: skip
     try:
         scheduler.run()  # decoding on the thread that loaded the model: torch runs slower from another
     except KeyboardInterrupt:

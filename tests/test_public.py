@@ -1,0 +1,270 @@
+"""The real app.py in a subprocess as a public Space meets a hostile visitor: a burst of parallel calls from one
+client, malformed calls on every route that takes one, the monitoring page, sniffable answers, and server paths
+in what the page is sent (serve/guards.py and app.py's launch)."""
+
+import asyncio
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+from app_server import ROOT, running_app
+from launch import app_env, timed_generate
+
+from model import GPT, GPTConfig
+
+LIMIT = 8  # the app's default --max-per-client
+STOPPED = "nobody reads its result"  # the app's log line for a /call/ job left unread
+
+# Loaded first in the app's process (PYTHONPATH): every decoding step waits while the file $HOLD_DECODING
+# exists, then takes at least $STEP_SECONDS. While held, no job can end, so a burst meets a client's jobs all
+# still waiting or running whatever the machine's speed; slowed, the jobs are still running when another
+# client asks.
+HOLD_DECODING = """
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.getcwd())  # the checkout: running_app starts app.py there
+from serve.decoding import DecodeBatch
+
+_hold, _step, _advance = Path(os.environ["HOLD_DECODING"]), float(os.environ["STEP_SECONDS"]), DecodeBatch.advance
+
+
+def _held_advance(self):
+    while _hold.exists():
+        time.sleep(0.005)
+    time.sleep(_step)
+    return _advance(self)
+
+
+DecodeBatch.advance = _held_advance
+"""
+
+
+def held_decoding(folder: Path, step_seconds: float = 0.0) -> tuple[dict[str, str], Path]:
+    """An environment for running_app whose decoding holds while the returned file exists (see HOLD_DECODING)."""
+    site = folder / "held-decoding"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(HOLD_DECODING)
+    hold = folder / "hold"
+    env = app_env(threads=1) | {"PYTHONPATH": str(site), "HOLD_DECODING": str(hold), "STEP_SECONDS": str(step_seconds)}
+    return env, hold
+
+
+@pytest.fixture(scope="module")
+def app(tiny_folder, wait_until):
+    with running_app("--model", str(tiny_folder), "--quantize", "none", "--update-seconds", "0") as app:
+        # The server answers before launch() prints its last start-up line (the hint about share=True): the
+        # log lines after it are the requests' own.
+        wait_until(lambda: "share=True" in app.log.read_text(), 60)
+        yield app
+
+
+def generate_index(url) -> int:
+    """/generate's fn_index, as the page and gradio_client name it on /queue/join."""
+    config = httpx.get(f"{url}/config", timeout=30).json()
+    return next(d["id"] for d in config["dependencies"] if d["api_name"] == "generate")
+
+
+def example_index(url) -> int:
+    """The fn_index of the examples' loader: a function that runs at once, not in the queue."""
+    config = httpx.get(f"{url}/config", timeout=30).json()
+    return next(d["id"] for d in config["dependencies"] if d["backend_fn"] and not d["queue"])
+
+
+# -- one client's burst
+
+
+@pytest.fixture(scope="module")
+def burst_app(tmp_path_factory):
+    """The app on a 256-token tiny model (room for long generations), on a Space (so X-Forwarded-For tells
+    clients apart), each decoding step slowed to 50 ms; yields it and the file that holds its decoding."""
+    folder = tmp_path_factory.mktemp("burst")
+    GPT(GPTConfig.from_preset("tiny", block_size=256)).save_pretrained(folder / "model")
+    env, hold = held_decoding(folder, step_seconds=0.05)
+    env["SPACE_ID"] = "test/public"
+    flags = ["--host", "127.0.0.1", "--quantize", "none", "--update-seconds", "0"]  # an update per token
+    with running_app("--model", str(folder / "model"), *flags, env=env) as app:
+        yield app, hold
+
+
+def call(url: str, index: int, fn_index: int, burst: str) -> tuple[str, dict]:
+    """The i-th call of a burst, on each of the three routes that queue a generation in turn."""
+    values = ["ROMEO:", 256, 0.8, 50, 1.0, index]
+    route = index % 3
+    if route == 0:
+        return f"{url}/gradio_api/call/generate", {"data": values}
+    if route == 1:
+        return f"{url}/gradio_api/call/v2/generate", {"prompt": "ROMEO:", "max_new_tokens": 256, "seed": index}
+    return f"{url}/gradio_api/queue/join", {"data": values, "fn_index": fn_index, "session_hash": f"{burst}-{index}"}
+
+
+async def burst(url: str, client: str, count: int) -> list[httpx.Response]:
+    """count calls from one client at once, each on a connection of its own."""
+    fn_index = generate_index(url)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    headers = {"X-Forwarded-For": client}
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=120) as http:
+        calls = [call(url, i, fn_index, f"{client}-{count}") for i in range(count)]
+        return await asyncio.gather(*(http.post(endpoint, json=body) for endpoint, body in calls))
+
+
+@pytest.mark.parametrize("count", [20, 200])
+def test_a_burst_from_one_client_gets_its_limit_and_another_client_is_served_at_once(burst_app, count, wait_until):
+    """count parallel calls from one client, on all three routes: exactly --max-per-client are accepted (its
+    decoding held, none can end and free a place) and the rest refused (429, saying why); the queue is not
+    full for another client, whose first token comes within 2 s while the 8 run; once they end (stopped
+    as unread), the first client is served again."""
+    app, hold = burst_app
+    flooder = f"10.{count % 256}.0.1"  # an address of its own in each test: no job of an earlier one counts
+    stopped_before = app.log.read_text().count(STOPPED)
+    hold.touch()
+    try:
+        answers = asyncio.run(burst(app.url, flooder, count))
+        other = httpx.post(f"{app.url}/gradio_api/call/generate", json={"data": ["JULIET:", 4, 0, 0, 1.0, -1]},
+                           headers={"X-Forwarded-For": "10.0.0.2"}, timeout=60)  # fmt: skip
+    finally:
+        hold.unlink()
+    statuses = [answer.status_code for answer in answers]
+    print(f"\n{count} parallel calls from one client: {statuses.count(200)} accepted, {statuses.count(429)} refused")
+    assert statuses.count(200) == LIMIT and statuses.count(429) == count - LIMIT, statuses
+    refusal = next(answer for answer in answers if answer.status_code == 429).json()["detail"]
+    assert f"you already have {LIMIT} generations waiting or running" in refusal
+    assert other.status_code == 200, other.text  # another client gets in while the burst's 8 wait
+
+    stopped_at_first_token = []
+    with httpx.Client(headers={"X-Forwarded-For": "10.0.0.3"}, timeout=120) as http:
+        first, _, text = timed_generate(
+            app.url, ["ROMEO:", 20, 0, 0, 1.0, -1], client=http,
+            on_first_token=lambda: stopped_at_first_token.append(app.log.read_text().count(STOPPED) - stopped_before),
+        )  # fmt: skip
+    print(f"another client's first token: {first:.2f} s")
+    assert first < 2.0 and text.startswith("ROMEO:")
+    assert stopped_at_first_token == [0]  # the burst's jobs were all still running beside it
+
+    assert wait_until(lambda: app.log.read_text().count(STOPPED) - stopped_before >= LIMIT, 120)
+    again = httpx.post(f"{app.url}/gradio_api/call/generate", json={"data": ["ROMEO:", 4, 0, 0, 1.0, 1]},
+                       headers={"X-Forwarded-For": flooder}, timeout=60)  # fmt: skip
+    assert again.status_code == 200, again.text
+
+
+# -- malformed calls
+
+VALUES = ["ROMEO:", 12, 0.8, 50, 1.0, 1]
+MALFORMED = [
+    # (route, body or a function of the app's url giving it, status, words of the reason)
+    ("call/generate", {"data": VALUES[:5]}, 422, "takes 6 values"),
+    ("call/generate", {"data": [*VALUES, 7]}, 422, "got 7"),
+    ("call/generate", {"data": "ROMEO:"}, 422, "data must be a list"),
+    ("call/generate", {"prompt": "ROMEO:"}, 422, 'needs "data"'),
+    ("call/generate", "ROMEO:", 400, "not valid JSON"),
+    ("call/generate", [VALUES], 422, "a JSON object"),
+    ("call/nothing", {"data": VALUES}, 404, "no API endpoint named"),
+    ("call/v2/generate", {}, 422, "needs a value for prompt"),
+    ("call/v2/generate", {"max_new_tokens": 12}, 422, "needs a value for prompt"),
+    ("call/v2/generate", {"prompt": "ROMEO:", "bogus": 1}, 422, 'no parameter "bogus"'),
+    ("call/v2/generate", {"prompt": "ROMEO:", "data": VALUES}, 422, 'no parameter "data"'),
+    ("call/v2/nothing", {"prompt": "ROMEO:"}, 404, "no API endpoint named"),
+    ("queue/join", lambda url: {"data": VALUES[:5], "fn_index": generate_index(url), "session_hash": "s"}, 422,
+     "takes 6 values"),
+    ("queue/join", {"data": VALUES, "fn_index": 999, "session_hash": "s"}, 404, "fn_index 999"),
+    ("queue/join", {"data": VALUES, "fn_index": -1, "session_hash": "s"}, 404, "fn_index -1"),
+    ("queue/join", {"data": VALUES, "fn_index": "generate", "session_hash": "s"}, 422, "fn_index must be"),
+    ("queue/join", {"data": VALUES, "session_hash": "s"}, 422, "fn_index is missing"),
+    ("queue/join", lambda url: {"data": [0], "fn_index": example_index(url), "session_hash": "s"}, 404,
+     "runs in the queue"),
+    ("queue/join", lambda url: {"data": VALUES, "fn_index": generate_index(url)}, 400, "Session hash"),
+    ("run/generate", {"data": VALUES}, 404, "runs in the queue"),
+    ("run/predict", lambda url: {"data": VALUES, "fn_index": generate_index(url), "session_hash": "s"}, 404,
+     "runs in the queue"),
+    ("run/predict", lambda url: {"data": ["ROMEO:"], "fn_index": example_index(url), "session_hash": "s"}, 422,
+     "must be an integer"),
+    ("run/predict", lambda url: {"data": [99], "fn_index": example_index(url), "session_hash": "s"}, 422,
+     "an example's index"),
+]  # fmt: skip
+REPR = re.compile(r"object at 0x|<[\w.]+[ >]|\(of type|Traceback|\b\w+(Error|Exception)\b")
+
+
+@pytest.mark.parametrize("route, body, status, reason", MALFORMED, ids=[f"{m[0]}-{i}" for i, m in enumerate(MALFORMED)])
+def test_a_malformed_call_gets_a_4xx_with_a_one_line_reason_and_at_most_one_log_line(app, route, body, status, reason):
+    before = len(app.log.read_text().splitlines())
+    body = body(app.url) if callable(body) else body
+    content = body if isinstance(body, str) else json.dumps(body)
+    answer = httpx.post(f"{app.url}/gradio_api/{route}", content=content, timeout=60,
+                        headers={"content-type": "application/json"})  # fmt: skip
+    detail = answer.json()["detail"]
+    new = app.log.read_text().splitlines()[before:]
+    assert answer.status_code == status and isinstance(detail, str) and reason in detail, (answer.status_code, detail)
+    assert "\n" not in detail and not REPR.search(detail), detail
+    assert len(new) <= 1 and "Traceback" not in "\n".join(new), new
+
+
+def test_a_body_that_is_not_json_by_its_content_type_is_refused(app):
+    answer = httpx.post(f"{app.url}/gradio_api/call/generate", content=json.dumps({"data": VALUES}), timeout=60,
+                        headers={"content-type": "text/plain"})  # fmt: skip
+    assert answer.status_code == 415 and "application/json" in answer.json()["detail"]
+
+
+def test_well_formed_calls_still_run_on_every_route(app):
+    """The checks refuse only what does not fit: each route still runs /generate, and the examples' loader."""
+    fn_index = generate_index(app.url)
+    for route, body in [
+        ("call/generate", {"data": ["ROMEO:", 4, 0, 0, 1.0, 1]}),
+        ("call/v2/generate", {"prompt": "ROMEO:", "max_new_tokens": 4, "temperature": 0}),
+        ("queue/join", {"data": ["ROMEO:", 4, 0, 0, 1.0, 1], "fn_index": fn_index, "session_hash": "fine"}),
+    ]:
+        answer = httpx.post(f"{app.url}/gradio_api/{route}", json=body, timeout=60)
+        assert answer.status_code == 200 and answer.json()["event_id"], answer.text
+    body = {"data": [1], "fn_index": example_index(app.url), "session_hash": "fine"}
+    loaded = httpx.post(f"{app.url}/gradio_api/run/predict", json=body, timeout=60)
+    assert loaded.status_code == 200 and loaded.json()["data"][0]["value"] == "ROMEO:", loaded.text
+
+
+# -- monitoring, headers, paths
+
+
+def test_the_monitoring_page_is_off_and_logs_no_key(app):
+    before = len(app.log.read_text().splitlines())
+    answer = httpx.get(f"{app.url}/monitoring", timeout=30)
+    summary = httpx.get(f"{app.url}/monitoring/summary", timeout=30)
+    new = "\n".join(app.log.read_text().splitlines()[before:])
+    assert answer.status_code == 403 and summary.status_code == 403
+    assert "monitoring" not in new.lower() and "monitoring/" not in app.log.read_text(), new
+
+
+def test_every_answer_says_nosniff_and_framing_is_allowed(app):
+    answers = [
+        httpx.get(app.url, timeout=30),
+        httpx.get(f"{app.url}/config", timeout=30),
+        httpx.get(f"{app.url}/gradio_api/info", timeout=30),
+        httpx.post(f"{app.url}/gradio_api/call/generate", json={"data": ["ROMEO:", 4, 0, 0, 1.0, 1]}, timeout=30),
+        httpx.post(f"{app.url}/gradio_api/call/generate", json={"data": []}, timeout=30),  # refused by a guard
+        httpx.get(f"{app.url}/no/such/page", timeout=30),
+    ]
+    for answer in answers:
+        assert answer.headers.get("x-content-type-options") == "nosniff", (answer.url, answer.headers)
+        assert "x-frame-options" not in answer.headers, answer.url  # a Space shows the app in a frame
+        assert "frame-ancestors" not in answer.headers.get("content-security-policy", ""), answer.url
+
+
+def test_the_page_and_config_name_no_path_of_the_server(app, tiny_folder):
+    """No absolute path of the server: the checkout, the model's folder, the temp dir and Gradio's cache in
+    it (where the loss curve would be copied), in /config or the page (which embeds it)."""
+    import gradio.utils
+
+    paths = {str(ROOT), str(tiny_folder), tempfile.gettempdir() + "/", gradio.utils.get_upload_folder()}
+    config = httpx.get(f"{app.url}/config", timeout=30)
+    page = httpx.get(app.url, timeout=30)
+    for text in (config.text, page.text):
+        assert not [path for path in paths if path in text], [path for path in paths if path in text]
+    images = [c["props"]["value"] for c in config.json()["components"] if c["type"] == "image"]
+    assert images and all(image["url"].startswith("data:image/png;base64,") for image in images)
+
+
+def test_no_traceback_in_the_log(app):
+    """Last in this file: nothing above, malformed calls included, left a traceback in the log, even later."""
+    assert "Traceback" not in app.log.read_text()
