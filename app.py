@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = serve.use_cpu_threads()
     try:
         model = serve.load_for_inference(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
-        facts = serve.ModelFacts.of(model, args.model)
+        facts = serve.ModelFacts.of(model, args.model, shipped=ASSETS)
     except (CheckpointError, ValueError) as err:
         origin = {os.environ.get("MODEL_ID"): "env MODEL_ID", str(ASSETS): "the default, assets/"}.get(args.model)
         sys.exit(
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.warm_up(model)
     logging.info(
         "serving %s: %s parameters, %s on %s (%d threads), up to %d generations per step",
-        args.model, f"{facts.parameters:,}", facts.precision, model.device, threads, args.max_batch,
+        facts.description, f"{facts.parameters:,}", facts.precision, model.device, threads, args.max_batch,
     )  # fmt: skip
     scheduler = serve.Scheduler(model, args.max_batch)
     demo = build(scheduler, facts, args.update_seconds)
