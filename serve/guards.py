@@ -67,13 +67,14 @@ class PerClientLimit:
         self.admitted: dict[str, set[str]] = {}  # event ids of each client's jobs, pruned as they end
 
     def held(self, client: str) -> int:
-        """How many generations client has arriving, waiting or running."""
-        jobs = self.admitted.get(client)
-        if jobs:
-            jobs &= live_jobs(self.blocks)
-        if not jobs:
-            self.admitted.pop(client, None)
-        return self.arriving[client] + len(jobs or ())
+        """How many generations client has arriving, waiting or running. Every client's ended jobs are
+        forgotten on the way, so what is kept stays within what the queue holds, however many come."""
+        live = live_jobs(self.blocks)
+        for someone, jobs in list(self.admitted.items()):
+            jobs &= live
+            if not jobs:
+                del self.admitted[someone]
+        return self.arriving[client] + len(self.admitted.get(client, ()))
 
     async def __call__(self, scope, receive, send) -> None:
         if not (scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(JOIN_ROUTES)):
@@ -115,15 +116,15 @@ def _event_id(body: bytes) -> str | None:
 
 
 class WellFormedCalls:
-    """ASGI middleware: a call to one of the app's functions whose body does not fit that function (not JSON,
-    a wrong field, an unknown endpoint or fn_index, a wrong number of values, an unknown or missing named
-    parameter, a value of the wrong type for a component Gradio converts) is answered 4xx with a one-line
-    reason and logged in one line, before Gradio sees it; Gradio would otherwise accept some of these and
-    fail later with a traceback in the log. A function that runs in the queue is refused on the direct
-    routes, which would run it outside the queue and its limits.
+    """ASGI middleware: a call to one of the app's functions whose body does not fit that function (not a JSON
+    object, a field of the wrong type, an unknown endpoint or fn_index, a wrong number of values, an unknown
+    or missing named parameter, a value of the wrong type for a component Gradio converts) is answered 4xx
+    with a one-line reason and logged in one line, before Gradio sees it; Gradio would otherwise accept some
+    of these and fail later with a traceback in the log. A function that runs in the queue is refused on the
+    direct routes, which would run it outside the queue and its limits.
 
     A function with preprocess=False (the app's /generate) checks its values itself, with messages of its
-    own; only their number is checked here."""
+    own; only their number is checked here. The functions are blocks.fns: this app renders none per session."""
 
     def __init__(self, app, blocks) -> None:
         self.app, self.blocks = app, blocks
