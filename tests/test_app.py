@@ -164,9 +164,10 @@ def test_a_refused_request_logs_one_line_not_a_traceback(client, app):
     assert len(refused) == 3 and "Traceback" not in "\n".join(new), new
 
 
-def test_too_few_arguments_get_an_error(client, url):
-    event, data = raw_call(url, '{"data": ["ROMEO:", 12]}')
-    assert event == "error" and "needed: 6" in data["error"]
+def test_too_few_arguments_are_refused_with_a_4xx(client, url):
+    """A call with the wrong number of values is refused at once, saying how many /generate takes."""
+    answer = httpx.post(f"{url}/gradio_api/call/generate", json={"data": ["ROMEO:", 12]}, timeout=30)
+    assert answer.status_code == 422 and "takes 6 values" in answer.json()["detail"]
     assert greedy(client).startswith("ROMEO:")
 
 
