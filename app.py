@@ -1,6 +1,5 @@
-"""ShakespeareGPT's Gradio app: streams text from the model, in the browser and as the API `/generate`."""
-
-from __future__ import annotations
+"""ShakespeareGPT's Gradio app: streams text from the model in the browser, as the API `/generate` (and
+`/generate_with_probabilities`) and as an MCP server for agents."""
 
 import argparse
 import base64
@@ -18,7 +17,7 @@ from starlette.middleware import Middleware
 import serve
 from model import CheckpointError, load_tokenizer
 from model.device import DTYPES
-from serve import guards, policy
+from serve import guards, policy, probability_view
 from serve.inference import QUANTIZE
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -59,30 +58,112 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quantize", choices=["auto", *QUANTIZE], default="auto",
         help="auto: int8 weights on the CPU (2.6x fp32 decoding on GPT-2 124M, same held-out loss), none on CUDA",
     )  # fmt: skip
+    parser.add_argument("--no-mcp", dest="mcp", action="store_false",
+                        help="do not serve the app as an MCP server for LLM agents (at /gradio_api/mcp/)")  # fmt: skip
     return parser.parse_args(argv)
 
 
-def generation_handler(scheduler: serve.Scheduler, tokenizer, update_seconds: float, blocks: Callable[[], gr.Blocks]):
-    """The /generate function: checks a request, streams its completion, and stops it when nobody reads it."""
-    model = scheduler.model
+class Generation:
+    """The app's one way to run a request: check it, stream its completion, stop it when nobody reads it. The
+    API endpoints and the page's button are thin wrappers around stream()."""
 
-    def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, visitor: gr.Request):
-        """Stream the prompt followed by its continuation. temperature 0 is greedy; top_k 0 and
-        top_p 1 are off; seed None or -1 draws a random seed. The stream yields the growing text."""
-        try:
-            request = serve.check_request(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer)
-        except serve.RequestError as err:  # the caller's mistake: one log line, not a traceback
-            log.info("refused a request: %s", err)
-            raise gr.Error(str(err), print_exception=False) from None
+    def __init__(self, scheduler: serve.Scheduler, tokenizer, update_seconds: float, blocks: Callable[[], gr.Blocks]):
+        self.scheduler, self.tokenizer, self.update_seconds, self.blocks = scheduler, tokenizer, update_seconds, blocks
+
+    def stream(self, settings: tuple, visitor: gr.Request | None, probabilities: bool = False):
+        """(text, stats) updates of the completion of settings (the six values of /generate, as sent: they
+        are checked here); a request the caller has to change raises serve.RequestError."""
+        request = serve.check_request(self.scheduler.model, *settings, self.tokenizer)
         if request.cropped:
             gr.Warning(serve.crop_note(request))
-        for text, stats in serve.stream_completion(scheduler, request, tokenizer, update_seconds):
-            if guards.unread_updates(blocks(), visitor.session_hash) > guards.UNREAD_LIMIT:  # a /call/ nobody reads
+        session = visitor.session_hash if visitor is not None else None
+        completion = serve.stream_completion(
+            self.scheduler, request, self.tokenizer, self.update_seconds, probabilities
+        )
+        for text, stats in completion:
+            if guards.unread_updates(self.blocks(), session) > guards.UNREAD_LIMIT:  # a /call/ nobody reads
                 log.info("stopped a generation after %d tokens: nobody reads its result", stats.new_tokens)
                 return
-            yield text, stats.summary()
+            yield text, stats
 
-    return generate
+    def refused(self, err: serve.RequestError) -> gr.Error:
+        log.info("refused a request: %s", err)  # the caller's mistake: one log line, not a traceback
+        return gr.Error(str(err), print_exception=False)
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        seed: int | None = -1,
+        visitor: gr.Request = None,
+    ) -> str:  # what each streamed update is: gr.api types the endpoint's outputs from this
+        """Write Shakespeare-style text: continue the prompt with a GPT-2 trained on Tiny Shakespeare. Returns
+        (and streams) the prompt followed by the continuation.
+
+        Args:
+            prompt: the text to continue, e.g. "ROMEO:" or a line of verse; not blank. Only the model's last
+                context of tokens is read.
+            max_new_tokens: how many tokens to write, from 1 to the model's context; stops earlier at the end
+                of a text.
+            temperature: randomness, from 0 to 2: 0 always takes the likeliest token, 0.8 is lively, above
+                1.2 wanders.
+            top_k: draw only from this many likeliest tokens, 0 to 200; 0 is off.
+            top_p: draw only from the likeliest tokens whose probability adds up to this, 0.05 to 1; 1 is off.
+            seed: -1 or None for a random seed, or 0 to 2**63-1: the same seed and settings give the same
+                text.
+        """
+        try:
+            for text, _ in self.stream((prompt, max_new_tokens, temperature, top_k, top_p, seed), visitor):
+                yield text
+        except serve.RequestError as err:
+            raise self.refused(err) from None
+
+    def generate_with_probabilities(
+        self,
+        prompt: str,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        seed: int | None = -1,
+        visitor: gr.Request = None,
+    ) -> tuple[str, list[dict]]:  # each streamed update: two outputs, the text and the records
+        """Like generate, and also how sure the model was of each token it wrote. Returns (and streams) the
+        prompt followed by the continuation, and a list with one record per generated token: {"token": its
+        text, "id": its id, "p": the model's probability of it (softmax of its logits at temperature 1, before
+        temperature, top-k and top-p), "top": the 5 most probable tokens under that distribution, each
+        {"token", "id", "p"}}.
+
+        Args:
+            prompt: the text to continue; not blank.
+            max_new_tokens: how many tokens to write, from 1 to the model's context.
+            temperature: randomness, from 0 (the likeliest token) to 2.
+            top_k: draw only from this many likeliest tokens, 0 to 200; 0 is off.
+            top_p: draw only from the likeliest tokens whose probability adds up to this, 0.05 to 1; 1 is off.
+            seed: -1 or None for a random seed, or 0 to 2**63-1.
+        """
+        settings = (prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        try:
+            for text, stats in self.stream(settings, visitor, probabilities=True):
+                yield text, probability_view.records(stats.probabilities, self.tokenizer)
+        except serve.RequestError as err:
+            raise self.refused(err) from None
+
+    def on_page(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, view: bool, visitor: gr.Request):
+        """The page's Generate: the text, the run's figures and (when the view is on) the coloured tokens. A
+        refused request shows its reason and leaves the last continuation where it is."""
+        settings = (prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        try:
+            for text, stats in self.stream(settings, visitor, probabilities=view):
+                records = probability_view.records(stats.probabilities, self.tokenizer)
+                yield text, stats.summary(), probability_view.to_html(records) if view else ""
+        except serve.RequestError as err:
+            log.info("refused a request: %s", err)
+            gr.Warning(str(err))
+            yield gr.skip(), gr.skip(), gr.skip()
 
 
 def sampling_controls(block_size: int) -> list[gr.components.Component]:
@@ -122,12 +203,14 @@ def build(
     scheduler: serve.Scheduler, facts: serve.ModelFacts, update_seconds: float = serve.UPDATE_SECONDS
 ) -> gr.Blocks:
     tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
-    generate = generation_handler(scheduler, tokenizer, update_seconds, lambda: demo)
+    generation = Generation(scheduler, tokenizer, update_seconds, lambda: demo)
+    # every way in shares one limit: each running call is one row of the scheduler's batch
+    limits = dict(concurrency_id="generation", concurrency_limit=scheduler.max_batch)
     with gr.Blocks(title="ShakespeareGPT") as demo:
         gr.Markdown("# ShakespeareGPT\nA GPT-2 trained on Tiny Shakespeare. Give it a line and it writes on.")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="ROMEO:", elem_id="prompt")
+                prompt = gr.Textbox(value=policy.FIRST_PROMPT, label="Prompt", lines=3, elem_id="prompt")
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -135,26 +218,31 @@ def build(
                 output = gr.Textbox(
                     label="Prompt + continuation", lines=14, interactive=False, buttons=["copy"], elem_id="output"
                 )
+                view = gr.Checkbox(False, label="Show probabilities", elem_id="show-probabilities",
+                                   info="each new token coloured by how likely the model found it; hover or tap "
+                                   "a token for the 5 likeliest")  # fmt: skip
+                probabilities = gr.HTML(visible=False, elem_id="probabilities")
                 stats = gr.Markdown(elem_id="stats")
-                examples = [[e] for e in policy.EXAMPLE_PROMPTS]
-                gr.Examples(examples, inputs=[prompt], cache_examples=False, api_visibility="private")
+                examples = gr.Examples(
+                    [[e] for e in policy.EXAMPLE_PROMPTS],
+                    inputs=[prompt],
+                    cache_examples=False,
+                    api_visibility="private",
+                )
             with gr.Column(scale=2):
                 settings = sampling_controls(scheduler.model.config.block_size)
                 model_panel(facts)
 
-        run_stats = gr.State("")
-        # Raw values reach generate(), which checks them itself: the API sees exactly what callers sent.
-        run = generate_button.click(
-            generate,
-            [prompt, *settings],
-            [output, run_stats],
-            api_name="generate",
-            preprocess=False,
-            concurrency_limit=scheduler.max_batch,  # each running call is one row of the scheduler's batch
-        )
-        for event in (run, stop_button.click(None, cancels=[run])):
-            event.then(lambda summary: summary, run_stats, stats, api_visibility="private", queue=False)
-        clear_button.click(None, js="() => ['', '', '']", outputs=[prompt, output, stats])
+        # Raw values reach the handlers, which check them themselves: the API sees exactly what callers sent.
+        page = dict(fn=generation.on_page, inputs=[prompt, *settings, view], outputs=[output, stats, probabilities])
+        page |= dict(api_visibility="private", preprocess=False, show_progress="minimal", **limits)
+        run = generate_button.click(**page)
+        example_run = examples.load_input_event.then(**page)
+        stop_button.click(None, cancels=[run, example_run])
+        view.change(lambda on: gr.update(visible=on), view, probabilities, api_visibility="private", queue=False)
+        clear_button.click(None, js="() => ['', '', '', '']", outputs=[prompt, output, stats, probabilities])
+        gr.api(generation.generate, api_name="generate", **limits)
+        gr.api(generation.generate_with_probabilities, api_name="generate_with_probabilities", **limits)
     return demo.queue(max_size=QUEUE_SIZE)
 
 
@@ -189,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     # monitoring off: Gradio's /monitoring would print its dashboard's secret URL to the log for any visitor
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                app_kwargs={"middleware": middleware}, enable_monitoring=False, prevent_thread_lock=True)  # fmt: skip
+                app_kwargs={"middleware": middleware}, enable_monitoring=False, prevent_thread_lock=True,
+                mcp_server=args.mcp, css=probability_view.CSS)  # fmt: skip
     try:
         scheduler.run()  # decoding on the thread that loaded the model: torch runs slower from another
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from model import SamplingParams
 from model.sampling import checked_number
 
 EXAMPLE_PROMPTS = ("First Citizen:", "ROMEO:", "To be or not")
+FIRST_PROMPT = "ROMEO:"  # in the prompt box when the page opens, so the first click on Generate runs
 DEFAULT_TOP_K = 50  # what visitors start from (the Python API's default, 0, keeps the whole distribution)
 # (low, high) of each setting a served request may ask for
 SERVED_RANGES: dict[str, tuple[float, float]] = {

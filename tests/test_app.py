@@ -70,12 +70,17 @@ def test_the_http_api_streams_what_gradio_client_returns(url, client, reference)
         timed_generate(url, ["   ", 30, 0, 0, 1.0, -1])
 
 
-def test_one_public_endpoint_with_named_parameters(client):
+def test_two_public_endpoints_with_named_parameters(client):
+    """/generate returns the text; /generate_with_probabilities takes the same parameters and returns the text
+    and the records. Only the prompt is required (an agent may leave the rest to their defaults)."""
     api = client.view_api(return_format="dict", print_info=False)
-    assert list(api["named_endpoints"]) == ["/generate"]
+    assert list(api["named_endpoints"]) == ["/generate", "/generate_with_probabilities"]
     assert api["unnamed_endpoints"] == {}
-    assert [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]] == PARAMETERS
-    assert len(api["named_endpoints"]["/generate"]["returns"]) == 1
+    for name, returns in (("/generate", 1), ("/generate_with_probabilities", 2)):
+        parameters = api["named_endpoints"][name]["parameters"]
+        assert [p["parameter_name"] for p in parameters] == PARAMETERS
+        assert [p["parameter_has_default"] for p in parameters] == [False] + [True] * 5
+        assert len(api["named_endpoints"][name]["returns"]) == returns
 
 
 @pytest.mark.parametrize("prompt", ["ROMEO:", "To be or not<|endoftext|>"])
@@ -272,6 +277,7 @@ def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tin
         subject = ("To be or not", 60, 0.9, 40, 0.95, 1234)
         others = [("ROMEO:", 50, 1.2, 0, 1.0, 1), ("JULIET: " * 30, 40, 0.0, 0, 1.0, 2), ("A", 64, 0.7, 5, 0.8, 3)]
         alone = client.predict(*subject, api_name="/generate")
+        text, records = client.predict(*subject, api_name="/generate_with_probabilities")
         with ThreadPoolExecutor(4) as pool:
             jobs = [pool.submit(client.predict, *request, api_name="/generate") for request in [*others, subject]]
             together = [job.result() for job in jobs]
@@ -279,6 +285,8 @@ def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tin
     assert precision_of(served) == "float32+int8" and "float32+int8" in panel
     assert together[-1] == alone == expected(served, subject[0], 60, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
     assert "up to 4 generations per step" in log
+    assert text == alone
+    check_records(records, served, subject[0], text, 0.02)  # the int8 model's own plain forward pass
 
 
 @pytest.mark.parametrize("flag", ["--max-batch", "--max-per-client"])
@@ -321,3 +329,64 @@ def test_one_client_cannot_fill_the_queue_and_unread_work_stops(tmp_path, wait_u
         short = {"data": ["ROMEO:", 4, 0, 0, 1.0, 1]}
         assert wait_until(lambda: httpx.post(endpoint, json=short, timeout=30).status_code == 200, 30)
         assert greedy(Client(app.url, verbose=False), max_new_tokens=100).startswith("ROMEO:")
+
+
+# -- /generate_with_probabilities and the MCP server
+
+
+def check_records(records: list[dict], model, prompt: str, text: str, tolerance: float) -> None:
+    """The records spell the text's continuation, and each one's p and top are the distribution its token was
+    drawn from by a plain forward pass over the prompt and the generated ids (softmax at temperature 1, no
+    cache)."""
+    tokenizer = load_tokenizer()
+    prompt_ids, new_ids = tokenizer.encode(prompt), [r["id"] for r in records]
+    assert prompt + tokenizer.decode(new_ids) == text
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([prompt_ids + new_ids]))
+    expected = logits[0, len(prompt_ids) - 1 : -1].float().softmax(-1)
+    for record, row in zip(records, expected, strict=True):
+        assert record["token"] == tokenizer.decode([record["id"]])
+        assert abs(record["p"] - float(row[record["id"]])) <= tolerance
+        assert len(record["top"]) == 5 and all(set(alt) == {"token", "id", "p"} for alt in record["top"])
+        assert all(abs(alt["p"] - float(row[alt["id"]])) <= tolerance for alt in record["top"])
+        assert [alt["p"] for alt in record["top"]] == sorted((alt["p"] for alt in record["top"]), reverse=True)
+        assert abs(record["top"][0]["p"] - float(row.max())) <= tolerance
+
+
+@pytest.mark.parametrize("sampling", [(0, 0, 1.0, -1), (1.4, 20, 0.9, 7)], ids=["greedy", "filtered"])
+def test_probabilities_endpoint_matches_a_plain_forward_pass(client, reference, sampling):
+    """Its text is /generate's; each record's p and top are the fp32 model's own distribution (before
+    temperature, top-k, top-p), as a plain forward pass over the same tokens gives it."""
+    text, records = client.predict("ROMEO:", 20, *sampling, api_name="/generate_with_probabilities")
+    if sampling[-1] != -1:
+        assert text == client.predict("ROMEO:", 20, *sampling, api_name="/generate")
+    check_records(records, reference, "ROMEO:", text, 1e-5)
+
+
+def test_probabilities_endpoint_refuses_what_generate_refuses(client):
+    with pytest.raises(AppError, match="prompt is empty"):
+        client.predict("  ", 20, 0, 0, 1.0, -1, api_name="/generate_with_probabilities")
+
+
+def test_an_mcp_client_lists_the_tool_and_gets_the_text(url, reference):
+    """Over the app's streamable HTTP MCP endpoint: the generation tool is listed, described with each
+    parameter's meaning and range, and a call returns the generated text."""
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def session_calls():
+        async with streamable_http_client(f"{url}/gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                tools = (await session.list_tools()).tools
+                tool = next(t for t in tools if t.name.endswith("generate"))
+                arguments = {"prompt": "ROMEO:", "max_new_tokens": 20, "temperature": 0, "top_k": 0}
+                return tools, tool, await session.call_tool(tool.name, arguments)
+
+    tools, tool, result = asyncio.run(session_calls())
+    assert "Shakespeare" in tool.description
+    properties = tool.inputSchema["properties"]
+    assert set(PARAMETERS) <= set(properties) and tool.inputSchema.get("required") == ["prompt"]
+    assert "0 to 2" in properties["temperature"]["description"] and "0 is off" in properties["top_k"]["description"]
+    assert not result.isError
+    assert result.content[0].text == expected(reference, "ROMEO:", 20, temperature=0)

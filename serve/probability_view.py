@@ -1,0 +1,65 @@
+"""The probability view of a completion: each generated token with the model's probability of it and the most
+probable alternatives, as JSON records for the API and as HTML for the page (colour by probability, the
+alternatives on hover or tap). No UI library here: any front end can use it."""
+
+from __future__ import annotations
+
+from html import escape
+
+from model.sampling import TokenProbability
+from model.tokenizer import TextEncoding
+
+
+def token_text(tokenizer: TextEncoding, token: int) -> str:
+    """One token's text (a token that ends inside a UTF-8 character shows the replacement character)."""
+    return tokenizer.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+
+def records(probabilities: list[TokenProbability], tokenizer: TextEncoding) -> list[dict]:
+    """One JSON record per generated token: {"token", "id", "p", "top": [{"token", "id", "p"}, ...]}."""
+    return [
+        {
+            "token": token_text(tokenizer, choice.id),
+            "id": choice.id,
+            "p": choice.p,
+            "top": [{"token": token_text(tokenizer, token), "id": token, "p": p} for token, p in choice.top],
+        }
+        for choice in probabilities
+    ]
+
+
+def colour(p: float) -> str:
+    """Red for a token the model thought unlikely, through yellow, to green for a sure one (translucent, so
+    the text reads in light and dark themes). The hue follows sqrt(p): a small model gives most tokens well
+    under 50%, and a linear scale would paint nearly all of them the same red."""
+    return f"hsla({round(120 * p**0.5)}, 85%, 50%, 0.35)"
+
+
+def shown(text: str) -> str:
+    """A token as a line of the alternatives list: whitespace made visible."""
+    return text.replace("\n", "\u21b5").replace(" ", "\u2423") or "\u2205"
+
+
+def to_html(token_records: list[dict]) -> str:
+    """The tokens as coloured spans; each holds its probability and the alternatives, shown on hover or focus
+    (a tap focuses it on a phone)."""
+    spans = []
+    for record in token_records:
+        alternatives = "".join(f"<li>{escape(shown(alt['token']))} {alt['p']:.1%}</li>" for alt in record["top"])
+        spans.append(
+            f'<span class="token" tabindex="0" style="background:{colour(record["p"])}" data-p="{record["p"]:.4f}">'
+            f'{escape(record["token"])}<span class="alternatives" role="tooltip">'
+            f"<b>{escape(shown(record['token']))} {record['p']:.1%}</b><ol>{alternatives}</ol></span></span>"
+        )
+    return f'<div class="probabilities">{"".join(spans)}</div>'
+
+
+CSS = """
+.probabilities { white-space: pre-wrap; line-height: 1.9; font-family: var(--font-mono); }
+.probabilities .token { position: relative; border-radius: 3px; cursor: help; }
+.probabilities .alternatives { display: none; position: absolute; left: 0; top: 1.7em; z-index: 20;
+  background: var(--background-fill-primary); border: 1px solid var(--border-color-primary); border-radius: 6px;
+  padding: 4px 10px; white-space: pre; font-size: 12px; line-height: 1.4; box-shadow: var(--shadow-drop-lg); }
+.probabilities .alternatives ol { margin: 2px 0 0 0; padding-left: 1.4em; }
+.probabilities .token:hover .alternatives, .probabilities .token:focus .alternatives { display: block; }
+"""
