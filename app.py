@@ -146,9 +146,10 @@ class Generation:
             seed: -1 or None for a random seed, or 0 to 2**63-1.
         """
         settings = (prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        view = probability_view.View(self.tokenizer)
         try:
             for text, stats in self.stream(settings, visitor, probabilities=True):
-                yield text, probability_view.records(stats.probabilities, self.tokenizer)
+                yield text, list(view.update(stats.probabilities).records)  # a new list: Gradio diffs it with the last
         except serve.RequestError as err:
             raise self.refused(err) from None
 
@@ -156,10 +157,10 @@ class Generation:
         """The page's Generate: the text, the run's figures and (when the view is on) the coloured tokens. A
         refused request shows its reason and leaves the last continuation where it is."""
         settings = (prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        shown = probability_view.View(self.tokenizer)
         try:
             for text, stats in self.stream(settings, visitor, probabilities=view):
-                records = probability_view.records(stats.probabilities, self.tokenizer)
-                yield text, stats.summary(), probability_view.to_html(records) if view else ""
+                yield text, stats.summary(), shown.update(stats.probabilities).html() if view else ""
         except serve.RequestError as err:
             log.info("refused a request: %s", err)
             gr.Warning(str(err))

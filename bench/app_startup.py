@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.launch, the app launcher, is not an installed package
 
 import httpx  # noqa: E402
 

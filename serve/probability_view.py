@@ -15,17 +15,14 @@ def token_text(tokenizer: TextEncoding, token: int) -> str:
     return tokenizer.decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
 
-def records(probabilities: list[TokenProbability], tokenizer: TextEncoding) -> list[dict]:
-    """One JSON record per generated token: {"token", "id", "p", "top": [{"token", "id", "p"}, ...]}."""
-    return [
-        {
-            "token": token_text(tokenizer, choice.id),
-            "id": choice.id,
-            "p": choice.p,
-            "top": [{"token": token_text(tokenizer, token), "id": token, "p": p} for token, p in choice.top],
-        }
-        for choice in probabilities
-    ]
+def record(choice: TokenProbability, tokenizer: TextEncoding) -> dict:
+    """A generated token's JSON record: {"token", "id", "p", "top": [{"token", "id", "p"}, ...]}."""
+    return {
+        "token": token_text(tokenizer, choice.id),
+        "id": choice.id,
+        "p": choice.p,
+        "top": [{"token": token_text(tokenizer, token), "id": token, "p": p} for token, p in choice.top],
+    }
 
 
 def colour(p: float) -> str:
@@ -40,18 +37,34 @@ def shown(text: str) -> str:
     return text.replace("\n", "\u21b5").replace(" ", "\u2423") or "\u2205"
 
 
-def to_html(token_records: list[dict]) -> str:
-    """The tokens as coloured spans; each holds its probability and the alternatives, shown on hover or focus
+def span(token: dict) -> str:
+    """A token record as a coloured span holding its probability and the alternatives, shown on hover or focus
     (a tap focuses it on a phone)."""
-    spans = []
-    for record in token_records:
-        alternatives = "".join(f"<li>{escape(shown(alt['token']))} {alt['p']:.1%}</li>" for alt in record["top"])
-        spans.append(
-            f'<span class="token" tabindex="0" style="background:{colour(record["p"])}" data-p="{record["p"]:.4f}">'
-            f'{escape(record["token"])}<span class="alternatives" role="tooltip">'
-            f"<b>{escape(shown(record['token']))} {record['p']:.1%}</b><ol>{alternatives}</ol></span></span>"
-        )
-    return f'<div class="probabilities">{"".join(spans)}</div>'
+    alternatives = "".join(f"<li>{escape(shown(alt['token']))} {alt['p']:.1%}</li>" for alt in token["top"])
+    return (
+        f'<span class="token" tabindex="0" style="background:{colour(token["p"])}" data-p="{token["p"]:.4f}">'
+        f'{escape(token["token"])}<span class="alternatives" role="tooltip">'
+        f"<b>{escape(shown(token['token']))} {token['p']:.1%}</b><ol>{alternatives}</ol></span></span>"
+    )
+
+
+class View:
+    """The records and the HTML of a completion as it grows: each token is rendered once, as it arrives."""
+
+    def __init__(self, tokenizer: TextEncoding) -> None:
+        self.tokenizer = tokenizer
+        self.records: list[dict] = []
+        self._spans: list[str] = []
+
+    def update(self, probabilities: list[TokenProbability]) -> View:
+        """Take in the tokens of probabilities not seen yet (the list a completion's stats grow)."""
+        for choice in probabilities[len(self.records) :]:
+            self.records.append(record(choice, self.tokenizer))
+            self._spans.append(span(self.records[-1]))
+        return self
+
+    def html(self) -> str:
+        return f'<div class="probabilities">{"".join(self._spans)}</div>'
 
 
 CSS = """
