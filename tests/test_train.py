@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -372,6 +373,25 @@ def test_a_failing_card_or_curve_never_loses_the_checkpoint(tmp_path, small_text
     assert "## Samples" not in (latest / "README.md").read_text()
 
 
+def test_a_resumed_run_never_replaces_best_with_a_worse_held_out_loss(tmp_path, small_text, train_args, monkeypatch):
+    """best/ holds the lowest held-out loss of the whole run: after --resume, evaluations that score worse
+    write latest/ but leave best/ byte-identical, and the summary still names the step best/ came from."""
+    from train import train
+    from train.trainer import Trainer
+
+    args = train_args(tmp_path, small_text, "--eval-interval", "3", "--checkpoint-interval", "3")[2:]
+    assert train.main([*args, "--max-steps", "6"]) == 0
+    best = tmp_path / "out" / "best"
+    before = {path.name: path.read_bytes() for path in best.iterdir()}
+    first = json.loads((tmp_path / "out" / "summary.json").read_text())
+    monkeypatch.setattr(Trainer, "val_loss", lambda self: first["best_val_loss"] + 1.0)  # every later score worse
+    assert train.main([*args, "--max-steps", "12", "--resume"]) == 0
+    assert {path.name: path.read_bytes() for path in best.iterdir()} == before
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["best_step"], summary["best_val_loss"]) == (first["best_step"], first["best_val_loss"])
+    assert summary["steps"] == 12 and summary["val_loss"] == round(first["best_val_loss"] + 1.0, 4)
+
+
 def test_sagemaker_checkpoints_survive_a_spot_restart(
     tmp_path, small_text, train_args, read_metrics, monkeypatch, caplog
 ):
@@ -390,8 +410,10 @@ def test_sagemaker_checkpoints_survive_a_spot_restart(
     assert (checkpoints / "latest" / "train_state.pt").is_file()
     shutil.rmtree(model_dir)  # a new instance: SM_MODEL_DIR is empty, the checkpoint folder is restored
 
+    caplog.clear()
     assert train.main([*args, "--max-steps", "10"]) == 0  # the restarted job, with no --resume
     assert "SageMaker restarted the job: resuming from" in caplog.text
+    assert re.search(r"resumed from \S+ at step 6\b", caplog.text)  # step numbers go on, not from 0
     assert json.loads((model_dir / "summary.json").read_text())["steps"] == 10
     assert (model_dir / "latest" / "model.safetensors").is_file() and (model_dir / "best" / "vocab.json").is_file()
     assert not (model_dir / "latest" / "train_state.pt").exists()
