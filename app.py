@@ -23,6 +23,9 @@ from serve.inference import QUANTIZE
 ASSETS = Path(__file__).resolve().parent / "assets"
 log = logging.getLogger("app")
 QUEUE_SIZE = 32
+# /generate_with_probabilities updates at most this often: each update re-sends every record so far, and
+# Gradio walks them whole, which at the text's 50 ms takes CPU from decoding (bench/probability_view.py)
+RECORDS_UPDATE_SECONDS = 0.2
 
 
 def at_least_one(text: str) -> int:
@@ -70,16 +73,16 @@ class Generation:
     def __init__(self, scheduler: serve.Scheduler, tokenizer, update_seconds: float, blocks: Callable[[], gr.Blocks]):
         self.scheduler, self.tokenizer, self.update_seconds, self.blocks = scheduler, tokenizer, update_seconds, blocks
 
-    def stream(self, settings: tuple, visitor: gr.Request | None, probabilities: bool = False):
+    def stream(self, settings: tuple, visitor: gr.Request | None, probabilities: bool = False, every: float = 0.0):
         """(text, stats) updates of the completion of settings (the six values of /generate, as sent: they
-        are checked here); a request the caller has to change raises serve.RequestError."""
+        are checked here), at most one per max(update_seconds, every) seconds; a request the caller has to
+        change raises serve.RequestError."""
         request = serve.check_request(self.scheduler.model, *settings, self.tokenizer)
         if request.cropped:
             gr.Warning(serve.crop_note(request))
         session = visitor.session_hash if visitor is not None else None
-        completion = serve.stream_completion(
-            self.scheduler, request, self.tokenizer, self.update_seconds, probabilities
-        )
+        interval = max(self.update_seconds, every) if self.update_seconds else every
+        completion = serve.stream_completion(self.scheduler, request, self.tokenizer, interval, probabilities)
         for text, stats in completion:
             if guards.unread_updates(self.blocks(), session) > guards.UNREAD_LIMIT:  # a /call/ nobody reads
                 log.info("stopped a generation after %d tokens: nobody reads its result", stats.new_tokens)
@@ -148,7 +151,7 @@ class Generation:
         settings = (prompt, max_new_tokens, temperature, top_k, top_p, seed)
         view = probability_view.View(self.tokenizer)
         try:
-            for text, stats in self.stream(settings, visitor, probabilities=True):
+            for text, stats in self.stream(settings, visitor, probabilities=True, every=RECORDS_UPDATE_SECONDS):
                 yield text, list(view.update(stats.probabilities).records)  # a new list: Gradio diffs it with the last
         except serve.RequestError as err:
             raise self.refused(err) from None

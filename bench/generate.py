@@ -187,7 +187,8 @@ def speed(args, folder: Path, prompts: dict[int, list[int]], bandwidth: float) -
 
 def quality(args, sources: list[str]) -> None:
     tokens = held_out_tokens(args.data)
-    print(f"\nheld-out loss (last 10% of {args.data}, up to {args.eval_tokens} tokens)")
+    text = args.data or "the shipped Tiny Shakespeare"
+    print(f"\nheld-out loss (last 10% of {text}, up to {args.eval_tokens} tokens)")
     print("| model | " + " | ".join(PRECISIONS) + " |")
     print("| --- |" + " ---: |" * len(PRECISIONS))
     for source in sources:
