@@ -26,6 +26,7 @@ QUEUE_SIZE = 32
 # /generate_with_probabilities updates at most this often: each update re-sends every record so far, and
 # Gradio walks them whole, which at the text's 50 ms takes CPU from decoding (bench/probability_view.py)
 RECORDS_UPDATE_SECONDS = 0.2
+DEFAULTS = policy.default_params(seed=0)  # the settings a visitor or an API caller starts from
 
 
 def at_least_one(text: str) -> int:
@@ -77,6 +78,8 @@ class Generation:
         """(text, stats) updates of the completion of settings (the six values of /generate, as sent: they
         are checked here), at most one per max(update_seconds, every) seconds; a request the caller has to
         change raises serve.RequestError."""
+        if settings[1] is None:  # max_new_tokens left to the app: its default, within the model's context
+            settings = (settings[0], policy.new_tokens(self.scheduler.model.config.block_size), *settings[2:])
         request = serve.check_request(self.scheduler.model, *settings, self.tokenizer)
         if request.cropped:
             gr.Warning(serve.crop_note(request))
@@ -96,11 +99,11 @@ class Generation:
     def generate(
         self,
         prompt: str,
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        seed: int | None = -1,
+        max_new_tokens: int | None = None,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int = DEFAULTS.top_k,
+        top_p: float = DEFAULTS.top_p,
+        seed: int | None = policy.RANDOM_SEED,
         visitor: gr.Request = None,
     ) -> str:  # what each streamed update is: gr.api types the endpoint's outputs from this
         """Write Shakespeare-style text: continue the prompt with a GPT-2 trained on Tiny Shakespeare. Returns
@@ -109,8 +112,8 @@ class Generation:
         Args:
             prompt: the text to continue, e.g. "ROMEO:" or a line of verse; not blank. Only the model's last
                 context of tokens is read.
-            max_new_tokens: how many tokens to write, from 1 to the model's context; stops earlier at the end
-                of a text.
+            max_new_tokens: how many tokens to write, from 1 to the model's context (default 200, or the
+                context if shorter); stops earlier at the end of a text.
             temperature: randomness, from 0 to 2: 0 always takes the likeliest token, 0.8 is lively, above
                 1.2 wanders.
             top_k: draw only from this many likeliest tokens, 0 to 200; 0 is off.
@@ -127,11 +130,11 @@ class Generation:
     def generate_with_probabilities(
         self,
         prompt: str,
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        seed: int | None = -1,
+        max_new_tokens: int | None = None,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int = DEFAULTS.top_k,
+        top_p: float = DEFAULTS.top_p,
+        seed: int | None = policy.RANDOM_SEED,
         visitor: gr.Request = None,
     ) -> tuple[str, list[dict]]:  # each streamed update: two outputs, the text and the records
         """Like generate, and also how sure the model was of each token it wrote. Returns (and streams) the
@@ -173,14 +176,16 @@ class Generation:
 def sampling_controls(block_size: int) -> list[gr.components.Component]:
     """The sliders and the seed box, in /generate's parameter order after the prompt, starting from the app's
     defaults and bounded by the served ranges."""
-    defaults, served = policy.default_params(seed=0), policy.SERVED_RANGES
+    served = policy.SERVED_RANGES
     return [
-        gr.Slider(1, block_size, value=min(200, block_size), step=1, label="Max new tokens", elem_id="max-new-tokens"),
         gr.Slider(
-            *served["temperature"], value=defaults.temperature, step=0.05, label="Temperature", info="0 = greedy"
+            1, block_size, value=policy.new_tokens(block_size), step=1, label="Max new tokens", elem_id="max-new-tokens"
         ),
-        gr.Slider(*served["top_k"], value=defaults.top_k, step=1, label="Top-k", info="0 = off"),
-        gr.Slider(*served["top_p"], value=defaults.top_p, step=0.05, label="Top-p", info="1 = off"),
+        gr.Slider(
+            *served["temperature"], value=DEFAULTS.temperature, step=0.05, label="Temperature", info="0 = greedy"
+        ),
+        gr.Slider(*served["top_k"], value=DEFAULTS.top_k, step=1, label="Top-k", info="0 = off"),
+        gr.Slider(*served["top_p"], value=DEFAULTS.top_p, step=0.05, label="Top-p", info="1 = off"),
         gr.Number(value=policy.RANDOM_SEED, precision=0, label="Seed", info="blank or -1 = random", elem_id="seed"),
     ]
 

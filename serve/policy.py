@@ -9,6 +9,7 @@ from model.sampling import checked_number
 
 EXAMPLE_PROMPTS = ("First Citizen:", "ROMEO:", "To be or not")
 FIRST_PROMPT = "ROMEO:"  # in the prompt box when the page opens, so the first click on Generate runs
+DEFAULT_NEW_TOKENS = 200
 DEFAULT_TOP_K = 50  # what visitors start from (the Python API's default, 0, keeps the whole distribution)
 # (low, high) of each setting a served request may ask for
 SERVED_RANGES: dict[str, tuple[float, float]] = {
@@ -17,6 +18,11 @@ SERVED_RANGES: dict[str, tuple[float, float]] = {
     "top_p": (0.05, 1.0),
 }
 RANDOM_SEED = -1  # what a visitor sends (or sees) for "draw a random seed"; None means the same
+
+
+def new_tokens(context: int) -> int:
+    """How many tokens a visitor asks for first: DEFAULT_NEW_TOKENS, or the model's context if shorter."""
+    return min(DEFAULT_NEW_TOKENS, context)
 
 
 def default_params(seed: int | None = None) -> SamplingParams:

@@ -363,6 +363,14 @@ def test_probabilities_endpoint_matches_a_plain_forward_pass(client, reference, 
     check_records(records, reference, "ROMEO:", text, 1e-5)
 
 
+def test_a_call_with_only_a_prompt_takes_the_apps_defaults(client):
+    """An agent may send the prompt alone: the rest are the page's defaults, max_new_tokens within the context
+    (200, or the tiny model's 64)."""
+    text, records = client.predict("ROMEO:", api_name="/generate_with_probabilities")
+    assert text.startswith("ROMEO:") and len(records) == BLOCK_SIZE
+    assert client.predict("ROMEO:", api_name="/generate").startswith("ROMEO:")
+
+
 def test_probabilities_endpoint_refuses_what_generate_refuses(client):
     with pytest.raises(AppError, match="prompt is empty"):
         client.predict("  ", 20, 0, 0, 1.0, -1, api_name="/generate_with_probabilities")
