@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
-from model import GPT, CheckpointError, read_model_card_metrics, render_model_card
+from model import GPT, CheckpointError, GPTConfig, read_model_card_metrics, render_model_card
 
 IDS = torch.tensor([[50256, 464, 3290, 373, 257, 1332, 13, 15, 31373, 995, 50255, 0]])  # ends of the vocabulary too
 
@@ -381,3 +381,75 @@ def test_weights_without_a_config_are_refused_instead_of_guessing_the_heads(save
     shutil.copy(saved / "model.safetensors", tmp_path / "alone.safetensors")
     with pytest.raises(CheckpointError, match="no config.json beside it and does not record n_head"):
         GPT.from_pretrained(tmp_path / "alone.safetensors")
+
+
+# -- model/layout.py: config.json both ways
+
+
+def test_a_config_without_sizes_is_gpt2_small_and_n_ctx_stands_in_for_n_positions():
+    from model.layout import config_from_hf
+
+    assert config_from_hf({}) == GPTConfig() == config_from_hf({"model_type": "gpt2"})
+    assert config_from_hf({"n_ctx": 128}).block_size == 128
+    assert config_from_hf({"n_positions": 256, "n_ctx": 128}).block_size == 256
+    sizes = dict(vocab_size=300, n_layer=3, n_head=4, n_embd=64)
+    assert config_from_hf(sizes) == GPTConfig(**sizes)
+    read = config_from_hf({"resid_pdrop": 0.25, "bias": False})
+    assert (read.dropout, read.bias) == (0.25, False) and config_from_hf({}).bias is True
+
+
+@pytest.mark.parametrize(
+    "hf, message",
+    [
+        ([1, 2], "config.json holds a list, not a GPT-2 config object"),
+        ({"model_type": "llama"}, "config.json has model_type 'llama'; only 'gpt2' is supported"),
+        ({"n_layer": 513}, "config.json: n_layer must be a whole number from 1 to 512, got 513"),
+        ({"n_head": 0}, "config.json: n_head must be a whole number from 1 to 1,024, got 0"),
+        ({"n_embd": True}, "config.json: n_embd must be a whole number from 1 to 65,536, got True"),
+        ({"n_positions": 2.0}, "config.json: block_size must be a whole number from 1 to 1,048,576, got 2.0"),
+        (
+            {"vocab_size": 1 << 22 | 1},
+            "config.json: vocab_size must be a whole number from 1 to 4,194,304, got 4194305",
+        ),
+        ({"resid_pdrop": 1}, "config.json: resid_pdrop must be a number in [0, 1), got 1"),
+        ({"resid_pdrop": "0.1"}, "config.json: resid_pdrop must be a number in [0, 1), got '0.1'"),
+        ({"n_embd": 10, "n_head": 3}, "config.json: GPTConfig.n_embd (10) must be divisible by GPTConfig.n_head (3)"),
+    ],
+)
+def test_a_config_out_of_bounds_is_refused_saying_what_is_allowed(hf, message):
+    from model.layout import config_from_hf
+
+    with pytest.raises(CheckpointError) as error:
+        config_from_hf(hf)
+    assert str(error.value) == message
+
+
+def test_the_largest_config_within_the_limits_is_read():
+    from model.layout import CONFIG_LIMITS, config_from_hf
+
+    hf = {"n_layer": 512, "n_head": 1024, "n_embd": 65536, "n_positions": 1 << 20, "vocab_size": 1 << 22}
+    assert config_from_hf(hf).to_dict().items() >= dict(n_layer=512, n_head=1024, n_embd=65536).items()
+    assert CONFIG_LIMITS == {
+        "n_layer": 512,
+        "n_head": 1024,
+        "n_embd": 65536,
+        "block_size": 1 << 20,
+        "vocab_size": 1 << 22,
+    }
+
+
+def test_config_json_says_what_transformers_gpt2config_says():
+    """Every key written to config.json is one of GPT2Config's, with GPT2Config's value for this shape."""
+    from transformers import GPT2Config
+
+    from model.layout import config_to_hf
+
+    config = GPTConfig.from_preset("tiny", dropout=0.1)
+    ours = config_to_hf(config, torch.bfloat16)
+    theirs = GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, architectures=["GPT2LMHeadModel"],
+    ).to_dict()  # fmt: skip
+    for key, value in ours.items():
+        expected = "bfloat16" if key == "torch_dtype" else theirs.get(key, theirs.get("n_positions"))
+        assert value == expected, key
