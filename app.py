@@ -243,11 +243,14 @@ def build(
                 model_panel(facts)
 
         # Raw values reach the handlers, which check them themselves: the API sees exactly what callers sent.
-        page = dict(fn=generation.on_page, inputs=[prompt, *settings, view], outputs=[output, stats, probabilities])
+        # the run's figures show when it ends (or is stopped): the page's sign that it is done
+        run_stats = gr.State("")
+        page = dict(fn=generation.on_page, inputs=[prompt, *settings, view], outputs=[output, run_stats, probabilities])
         page |= dict(api_visibility="private", preprocess=False, show_progress="minimal", **limits)
         run = generate_button.click(**page)
         example_run = examples.load_input_event.then(**page)
-        stop_button.click(None, cancels=[run, example_run])
+        for event in (run, example_run, stop_button.click(None, cancels=[run, example_run])):
+            event.then(lambda summary: summary, run_stats, stats, api_visibility="private", queue=False)
         view.change(lambda on: gr.update(visible=on), view, probabilities, api_visibility="private", queue=False)
         clear_button.click(None, js="() => ['', '', '', '']", outputs=[prompt, output, stats, probabilities])
         gr.api(generation.generate, api_name="generate", **limits)

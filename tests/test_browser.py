@@ -49,7 +49,7 @@ def test_the_first_click_without_typing_streams_text(page):
     page.reload()
     expect(page.locator("#prompt textarea")).to_have_value("ROMEO:")
     page.locator("#generate").click()
-    expect(page.locator("#stats")).to_contain_text("tokens/s")
+    expect(page.locator("#stats")).to_contain_text("tokens/s")  # the run's figures: it has ended
     assert page.locator("#output textarea").input_value().startswith("ROMEO:")
     assert len(page.locator("#output textarea").input_value()) > len("ROMEO:")
     expect(page.get_by_text("Error")).to_have_count(0)
@@ -93,8 +93,10 @@ def test_a_refused_request_says_why_and_keeps_the_last_continuation(page):
 def test_an_example_fills_the_prompt_and_runs_and_clear_empties_the_page(page):
     from playwright.sync_api import expect
 
+    page.locator("#clear").click()
     page.get_by_role("button", name="To be or not").click()
     expect(page.locator("#prompt textarea")).to_have_value("To be or not")
+    expect(page.locator("#stats")).to_contain_text("tokens/s")  # the run's figures: it has ended
     expect(page.locator("#output textarea")).to_have_value(re.compile(r"^To be or not.+", re.DOTALL))
     page.locator("#clear").click()
     expect(page.locator("#prompt textarea")).to_have_value("")
