@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import GPTConfig
-from .sampling import SamplingParams
 
 CARD_NAME = "README.md"
 
@@ -22,9 +21,10 @@ LOSS_RESULTS = (
 )
 
 
-def usage(model_id: str, sampling: SamplingParams) -> str:
-    """How to use a model folder or Hub repo, sampling with these settings: this project's API, and transformers."""
-    t, k = sampling.temperature, sampling.top_k
+def usage(model_id: str, sampling: dict | None = None) -> str:
+    """How to use a model folder or Hub repo, sampling with these settings (e.g. {"temperature": 0.8,
+    "top_k": 50}; none: each library's defaults): this project's API, and transformers."""
+    settings = "".join(f", {name}={value}" for name, value in (sampling or {}).items())
     return f"""## Usage
 
 With `transformers` (the tokenizer files are in the folder):
@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, pipeline
 
 tokenizer = AutoTokenizer.from_pretrained("{model_id}")
 generator = pipeline("text-generation", model="{model_id}")
-print(generator("ROMEO:", max_new_tokens=100, do_sample=True, temperature={t}, top_k={k})[0]["generated_text"])
+print(generator("ROMEO:", max_new_tokens=100, do_sample=True{settings})[0]["generated_text"])
 ```
 
 With the `model` package of the ShakespeareGPT project that trained it:
@@ -44,7 +44,7 @@ from model import GPT, generate, load_tokenizer, stream_text
 
 model = GPT.from_pretrained("{model_id}")
 tokenizer = load_tokenizer("{model_id}")      # a local folder's own vocab.json + merges.txt
-ids = generate(model, tokenizer.encode("ROMEO:"), max_new_tokens=100, temperature={t}, top_k={k}, seed=42)
+ids = generate(model, tokenizer.encode("ROMEO:"), max_new_tokens=100{settings}, seed=42)
 print("ROMEO:" + "".join(stream_text(ids, tokenizer)))
 ```
 
@@ -57,11 +57,11 @@ def render_model_card(
     metrics: dict | None = None,
     body: str = "",
     model_id: str = ".",
-    sampling: SamplingParams | None = None,
+    sampling: dict | None = None,
 ) -> str:
     """A Hub model card: the losses in metrics (`train_loss`, `val_loss`) as a `model-index` of eval
     results, the other run facts under `training`, usage snippets for model_id that sample as sampling says
-    (default: SamplingParams'), and body."""
+    (a dict of generate()'s settings; none: the libraries' defaults), and body."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     metrics = dict(metrics or {})
@@ -101,7 +101,7 @@ def render_model_card(
         text += "\n## Training\n\n| metric | value |\n| --- | --- |\n"
         text += "".join(f"| {r.metric_name} | {r.metric_value} |\n" for r in results)
         text += "".join(f"| {k.replace('_', ' ')} | {v} |\n" for k, v in metrics.items() if v is not None)
-    return str(ModelCard(text + "\n" + usage(model_id, sampling or SamplingParams(seed=0)) + body))
+    return str(ModelCard(text + "\n" + usage(model_id, sampling) + body))
 
 
 def read_model_card_metrics(folder: str | Path) -> dict:

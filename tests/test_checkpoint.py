@@ -308,6 +308,10 @@ def test_model_card_metrics_round_trip(tiny_model, tmp_path):
     results = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
     assert results == {("train", "loss"): 2.5, ("validation", "loss"): 1.47}
     assert 'pipeline("text-generation", model="me/m")' in card and 'AutoTokenizer.from_pretrained("me/m")' in card
+    assert "max_new_tokens=100, seed=42)" in card  # no settings given: the snippets keep each library's defaults
+    chosen = render_model_card(tiny_model.config, model_id="me/m", sampling={"temperature": 0.7, "top_k": 40})
+    assert "do_sample=True, temperature=0.7, top_k=40)" in chosen
+    assert "max_new_tokens=100, temperature=0.7, top_k=40, seed=42)" in chosen
 
 
 def test_transformers_pipeline_continues_like_greedy_generate(tiny_model, tmp_path):

@@ -69,7 +69,10 @@ def card_and_curve(trainer: Trainer, val: float | None) -> tuple[str, list]:
     body = "## Samples\n\n" + "".join(f"```text\n{text}\n```\n\n" for text in texts.values()) if texts else ""
     body += f"![loss curve]({LOSS_CURVE_NAME})\n" if curve else ""
     model_id = trainer.config.push_to_hub or "path/to/this/folder"
-    return render_model_card(trainer.model.config, summary(trainer, val), body, model_id=model_id), curve
+    app = default_params(seed=trainer.config.seed)  # the usage snippets sample as the samples and the app do
+    sampling = {"temperature": app.temperature, "top_k": app.top_k}
+    card = render_model_card(trainer.model.config, summary(trainer, val), body, model_id=model_id, sampling=sampling)
+    return card, curve
 
 
 def finish(trainer: Trainer, run_summary: dict) -> None:
