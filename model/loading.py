@@ -113,8 +113,6 @@ def infer_config(state_dict: dict, hints: dict | None = None) -> GPTConfig:
 
 def _read_weights(path: Path) -> tuple[dict, dict]:
     """The tensors of a .safetensors or .pt file, and any config hints stored with them."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
     if path.suffix not in (".safetensors", ".pt", ".pth", ".ckpt"):
         raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or .pt")
     try:

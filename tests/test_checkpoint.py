@@ -387,6 +387,64 @@ def test_weights_without_a_config_are_refused_instead_of_guessing_the_heads(save
         GPT.from_pretrained(tmp_path / "alone.safetensors")
 
 
+class Payload:
+    """An object a hostile .pt file could carry: unpickling it runs code when weights_only is off."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_a_pt_file_is_read_with_weights_only_so_its_code_never_runs(tiny_model, tmp_path, capsys):
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": tiny_model.state_dict(), "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match=r"hostile.pt is not a readable checkpoint \(UnpicklingError: "):
+        GPT.from_pretrained(path)
+    assert "this ran while loading" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "file_name, weights_key, hints_key",
+    [("model.pt", "state_dict", "config"), ("ckpt.pth", "model_state_dict", "model_args"),
+     ("pytorch_model.pt", "model", "config"), ("last.ckpt", "state_dict", "model_args")],
+)  # fmt: skip
+def test_every_named_pt_layout_loads_from_its_file_and_its_folder(
+    tiny_config, perturb, tmp_path, file_name, weights_key, hints_key
+):
+    """The state dict under "model", "state_dict" or "model_state_dict", n_head under "model_args" or
+    "config", in a .pt, .pth or .ckpt file, alone or found in its folder."""
+    source = perturb(GPT(tiny_config))
+    hints = dict(n_head=tiny_config.n_head)
+    path = tmp_path / "run" / file_name
+    path.parent.mkdir()
+    torch.save({weights_key: source.state_dict(), hints_key: hints, "iter_num": 3}, path)
+    assert_same_logits(GPT.from_pretrained(path), source)
+    if path.suffix == ".pt":
+        assert_same_logits(GPT.from_pretrained(path.parent), source)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda folder: folder / "missing.pt",
+            "checkpoint '{path}' not found: no such file or folder, and not a Hub repo id",
+        ),
+        (lambda folder: folder / "weights.bin", "{path}: unknown checkpoint format; expected .safetensors or .pt"),
+        (lambda folder: folder / "list.pt", "{path} does not hold a state dict of tensors"),
+    ],
+    ids=["missing", "suffix", "not-a-state-dict"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_refused_saying_so(tmp_path, make, message):
+    path = make(tmp_path)
+    if path.name != "missing.pt":
+        torch.save([torch.zeros(2)], path)
+    from model.loading import load_checkpoint
+
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == message.format(path=path)
+
+
 # -- model/layout.py: config.json both ways
 
 
