@@ -351,12 +351,16 @@ def with_config(folder, **changes):
     ],
 )
 def test_a_hostile_config_is_refused_before_the_network_is_built(saved, monkeypatch, changes, message):
+    """Refused from config.json and the safetensors header alone: no tensor read, no layer built."""
+    from model import loading
+
     with_config(saved, **changes)
-    built = []
+    built, read = [], []
     monkeypatch.setattr(GPT, "__init__", lambda self, *a, **k: built.append(1) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(loading, "load_file", lambda path: read.append(path) or (_ for _ in ()).throw(AssertionError))
     with pytest.raises(CheckpointError, match=message) as err:
         GPT.from_pretrained(saved)
-    assert not built and len(str(err.value)) < 500
+    assert not built and not read and len(str(err.value)) < 500
 
 
 @pytest.mark.parametrize("text", ["[1, 2, 3]", '"gpt2"', "[" * 100_000 + "]" * 100_000, "\xff\xfe"])
