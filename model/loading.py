@@ -27,7 +27,7 @@ from .layout import (
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_state_dict(state_dict: dict, expected: dict, strict: bool = True) -> None:
+def check_state_dict(state_dict: dict, expected: dict) -> None:
     """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
     problems = []
     for name, tensor in expected.items():
@@ -42,17 +42,17 @@ def check_state_dict(state_dict: dict, expected: dict, strict: bool = True) -> N
     if TIED_NAME in state_dict and EMBEDDING_NAME in state_dict:
         if not torch.equal(state_dict[TIED_NAME], state_dict[EMBEDDING_NAME]):
             problems.append(f"{TIED_NAME} differs from {EMBEDDING_NAME}, but GPT-2 ties them")
-    if problems and (strict or any(not p.startswith(("missing", "unexpected")) for p in problems)):
+    if problems:
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
 
 
-def load_weights(model, state_dict: dict, strict: bool = True) -> None:
+def load_weights(model, state_dict: dict) -> None:
     """Copy a state dict of any supported layout (renamed and transposed by layout.from_hf_tensors) into
     model; a missing, unexpected or mis-shaped tensor raises CheckpointError naming it (the tied output
     head may be absent)."""
     state_dict = from_hf_tensors(state_dict)
-    check_state_dict(state_dict, model.state_dict(), strict=strict)
-    model.load_state_dict(state_dict, strict=False, assign=True)
+    check_state_dict(state_dict, model.state_dict())
+    model.load_state_dict(state_dict, strict=False, assign=True)  # checked above; the tied head may be absent
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced one of the tied pair
 
 
