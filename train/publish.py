@@ -7,7 +7,7 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from model import generate, render_model_card, stream_text
+from model import SamplingParams, generate, render_model_card, stream_text
 from model.hub import upload_folder
 from model.layout import LOSS_CURVE_NAME, WEIGHTS_NAME
 from model.saving import atomic_write
@@ -22,10 +22,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("train")
 
 
-def samples(model, tokenizer, config: TrainConfig) -> dict[str, str]:
-    """sample_tokens of text after each example prompt, drawn as the app starts drawing."""
+def samples(model, tokenizer, config: TrainConfig, params: SamplingParams) -> dict[str, str]:
+    """sample_tokens of text after each example prompt, drawn with params."""
     out = {}
-    params = default_params(seed=config.seed)
     for prompt in EXAMPLE_PROMPTS:
         ids = generate(model, tokenizer.encode(prompt), config.sample_tokens, params=params)
         out[prompt] = prompt + "".join(stream_text(ids, tokenizer))
@@ -61,15 +60,15 @@ def card_and_curve(trainer: Trainer, val: float | None) -> tuple[str, list]:
     except Exception as err:  # matplotlib missing or failing
         warn_missing("draw the loss curve", err)
         curve = []
+    app = default_params(seed=trainer.config.seed)  # the samples and the card's snippets draw as the app starts
     try:
-        texts = samples(trainer.model, trainer.tokenizer, trainer.config) if trainer.config.sample_tokens else {}
+        texts = samples(trainer.model, trainer.tokenizer, trainer.config, app) if trainer.config.sample_tokens else {}
     except Exception as err:
         warn_missing("write sample text", err)
         texts = {}
     body = "## Samples\n\n" + "".join(f"```text\n{text}\n```\n\n" for text in texts.values()) if texts else ""
     body += f"![loss curve]({LOSS_CURVE_NAME})\n" if curve else ""
     model_id = trainer.config.push_to_hub or "path/to/this/folder"
-    app = default_params(seed=trainer.config.seed)  # the usage snippets sample as the samples and the app do
     sampling = {"temperature": app.temperature, "top_k": app.top_k}
     card = render_model_card(trainer.model.config, summary(trainer, val), body, model_id=model_id, sampling=sampling)
     return card, curve
