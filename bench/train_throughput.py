@@ -2,6 +2,9 @@
 
     python bench/train_throughput.py [--preset cpu] [--steps 8] [--data PATH]
 
+It first prints what the preset runs on this machine and why (--dtype auto: bf16 only on a CPU that
+computes it natively), then marks that variant and says how close it comes to the fastest.
+
 --data defaults to the trainer's: the shipped data/tinyshakespeare.txt.
 
 Each variant builds the real Trainer (train/train.py) and times its optimizer_step on the same
@@ -31,6 +34,13 @@ VARIANTS = {
     "bf16 autocast": dict(dtype="bfloat16", compile="false"),
     "torch.compile": dict(dtype="float32", compile="true"),
     "torch.compile + bf16": dict(dtype="bfloat16", compile="true"),
+}
+# the variant a machine's (autocast dtype, compile) settings run
+VARIANTS_BY_SETTING = {
+    (None, False): "eager fp32 (baseline)",
+    (torch.bfloat16, False): "bf16 autocast",
+    (None, True): "torch.compile",
+    (torch.bfloat16, True): "torch.compile + bf16",
 }
 
 
@@ -79,17 +89,23 @@ def main() -> None:
         f"preset {args.preset}: {n_params:,} parameters, batch {config.batch_size} x {seq_len}, "
         f"{torch.get_num_threads()} threads, peak {peak / 1e9:.0f} GFLOP/s ({machine.device})"
     )
+    chosen = VARIANTS_BY_SETTING.get((machine.autocast_dtype, machine.compile))
+    print(f"the preset runs {machine.precision()} here: {machine.why}")
     print(f"{'variant':<24} {'tokens/s':>10} {'MFU':>7} {'vs baseline':>12}")
-    baseline = None
+    speeds = {}
     for name, overrides in VARIANTS.items():
         try:
-            tokens_per_second = time_variant(argv, overrides, args.steps, args.warmup)
+            speeds[name] = time_variant(argv, overrides, args.steps, args.warmup)
         except Exception as err:  # a variant this machine cannot run (e.g. no compiler) is reported, not fatal
             print(f"{name:<24} failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
             continue
-        baseline = baseline or tokens_per_second
-        mfu = flops_per_token * tokens_per_second / peak
-        print(f"{name:<24} {tokens_per_second:>10,.0f} {mfu:>7.1%} {tokens_per_second / baseline:>11.2f}x")
+        baseline = next(iter(speeds.values()))
+        mfu = flops_per_token * speeds[name] / peak
+        mark = "  <- the preset's choice" if name == chosen else ""
+        print(f"{name:<24} {speeds[name]:>10,.0f} {mfu:>7.1%} {speeds[name] / baseline:>11.2f}x{mark}")
+    if chosen in speeds:
+        fastest = max(speeds, key=speeds.get)
+        print(f"the preset's choice runs at {speeds[chosen] / speeds[fastest]:.0%} of the fastest ({fastest})")
 
 
 if __name__ == "__main__":

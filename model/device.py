@@ -25,3 +25,15 @@ def fast_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def native_bf16() -> str | None:
+    """The feature with which this CPU computes bf16 in hardware (AMX, or AVX-512 BF16), or None. Without one,
+    each bf16 op converts to fp32 and back, and runs slower than fp32 itself (AMD before Zen 4, Intel before
+    Cooper Lake)."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX-512 BF16"
+    return None

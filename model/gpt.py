@@ -180,13 +180,15 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, label_smoothing: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position of idx (B, T) and, with targets, the mean cross-entropy."""
+        """Logits for every position of idx (B, T) and, with targets, the mean cross-entropy (against targets
+        mixed with label_smoothing of the uniform distribution, when that is above 0: for training only)."""
         logits = self.lm_head(self._hidden(idx))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            flat = logits.flatten(0, 1).float()
+            loss = F.cross_entropy(flat, targets.flatten(), ignore_index=-1, label_smoothing=label_smoothing)
         return logits, loss
 
     def new_kv_cache(self, batch_size: int = 1) -> KVCache:

@@ -33,6 +33,7 @@ def train_args(tiny_flags, train_script):
 def test_loss_falls_and_folder_loads_in_transformers(tmp_path, small_text, train_args, run_train, read_metrics):
     result = run_train(train_args(tmp_path, small_text, "--max-steps", "40"))
     assert result.returncode == 0, result.stderr
+    assert re.search(r"precision: (fp32|bf16) \(--dtype auto", result.stderr)  # what autocast runs, and why
     rows = [r for r in read_metrics(tmp_path / "out") if "lr" in r]
     assert [r["step"] for r in rows] == list(range(5, 45, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 2.0
@@ -419,3 +420,60 @@ def test_sagemaker_checkpoints_survive_a_spot_restart(
     assert not (model_dir / "latest" / "train_state.pt").exists()
     rows = [r["step"] for r in read_metrics(model_dir) if "lr" in r]
     assert rows == sorted(set(rows)) and rows[-1] == 10
+
+
+def test_label_smoothing_keeps_probability_for_tokens_the_text_never_uses(tmp_path, small_text, train_args, run_train):
+    from model.tokenizer import load_tokenizer
+
+    used = torch.tensor(sorted(set(load_tokenizer().encode(small_text.read_text()))))
+    probe = torch.tensor([load_tokenizer().encode("ROMEO:\nWhat say you, my lord?")])
+    unused_mass = {}
+    for smoothing in ("0", "0.1"):
+        flags = ["--max-steps", "150", "--lr", "1e-2", "--label-smoothing", smoothing]
+        result = run_train(train_args(tmp_path / smoothing, small_text, *flags))
+        assert result.returncode == 0, result.stderr
+        model = GPT.from_pretrained(tmp_path / smoothing / "out" / "latest")
+        with torch.no_grad():
+            probs = model(probe)[0].softmax(-1)
+        unused_mass[smoothing] = 1 - float(probs[..., used].sum(-1).mean())
+    # the smoothed targets give the unused tokens 0.1 x their share of the vocabulary (96%) as training goes on;
+    # plain targets push them towards nothing (about 0.01 and 0.2 after these 150 steps)
+    assert unused_mass["0.1"] > 0.05 and unused_mass["0.1"] > 5 * unused_mass["0"]
+
+
+def test_the_loss_with_label_smoothing_mixes_in_the_uniform_distribution(tiny_model):
+    idx, targets = torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8))
+    with torch.no_grad():
+        logits, plain = tiny_model(idx, targets)
+        _, smoothed = tiny_model(idx, targets, label_smoothing=0.2)
+    uniform = -logits.float().log_softmax(-1).mean(-1).mean()
+    assert torch.allclose(smoothed, 0.8 * plain + 0.2 * uniform, atol=1e-5)
+    assert float(smoothed) != pytest.approx(float(plain), abs=1e-3)
+
+
+@pytest.mark.parametrize("feature", [None, "AMX", "AVX-512 BF16"])
+def test_on_a_cpu_auto_picks_bf16_only_where_the_cpu_computes_it_natively(feature, monkeypatch):
+    import train.machine
+    from train.config import parse_config
+
+    monkeypatch.setattr(train.machine, "native_bf16", lambda: feature)
+    machine = train.machine.setup_machine(parse_config(["--preset", "cpu", "--device", "cpu"]))
+    assert machine.autocast_dtype == (torch.bfloat16 if feature else None) and machine.compile
+    assert (f"natively ({feature})" if feature else "neither AMX nor AVX-512 BF16") in machine.why
+    assert machine.precision() == ("bf16" if feature else "fp32") + " + torch.compile"
+    # an explicit --dtype is kept, and said to be slow where the CPU only emulates bf16
+    machine = train.machine.setup_machine(parse_config(["--device", "cpu", "--dtype", "bfloat16"]))
+    assert machine.autocast_dtype == torch.bfloat16 and machine.precision() == "bf16"
+    assert ("slower than fp32" in machine.why) == (feature is None)
+
+
+def test_native_bf16_reads_the_cpus_features(monkeypatch):
+    from model.device import native_bf16
+
+    for amx, avx512_bf16, expected in [(True, True, "AMX"), (False, True, "AVX-512 BF16"), (False, False, None)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx512_bf16: avx)
+        assert native_bf16() == expected
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probes: no claim of bf16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert native_bf16() is None

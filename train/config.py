@@ -138,6 +138,9 @@ class TrainConfig:
     weight_decay: float = flag(0.1, "AdamW weight decay of 2-D weights")
     beta1: float = flag(0.9, "AdamW beta1")
     beta2: float = flag(0.95, "AdamW beta2")
+    label_smoothing: float = flag(0.0, "mix this much of the uniform distribution into each training target, "
+                                  "so tokens the training text never uses keep some probability (the training "
+                                  "loss shown includes it; held-out scores are the plain loss)")  # fmt: skip
     grad_clip: float = flag(1.0, "clip the gradient norm to this; 0 = no clipping")
     target_loss: float = flag(0.099999, "stop when the mean training loss over one whole pass is below this")
     max_minutes: float = flag(0.0, "stop (and save) after this many minutes of training; 0 = no limit")
@@ -146,8 +149,9 @@ class TrainConfig:
     seed: int = flag(1337, "seed of the initial weights, the data order and dropout")
     # machine
     device: str = flag("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    dtype: str = flag("auto", "autocast dtype: auto (bf16 on CUDA, fp16 where bf16 is missing; fp32 on the CPU), "
-                      "float32, bfloat16, float16")  # fmt: skip
+    dtype: str = flag("auto", "autocast dtype: auto (bf16 on CUDA, fp16 where bf16 is missing; on a CPU, bf16 "
+                      "where it computes bf16 natively (AMX, AVX-512 BF16), else fp32), float32, bfloat16, "
+                      "float16")  # fmt: skip
     compile: str = flag("auto", "torch.compile: auto (on for CUDA), true, false", parse=parse_switch)
     # logging and checkpoints
     log_interval: int = flag(10, "steps between log rows")
@@ -193,6 +197,7 @@ class TrainConfig:
         check(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)")
         check(self.lr > 0, "lr", "greater than 0")
         check(0 <= self.min_lr <= self.lr, "min_lr", f"in [0, --lr {self.lr}]")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "0 or more")
         check(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
         check(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
@@ -226,9 +231,9 @@ PRESETS: dict[str, dict] = {
         eval_interval=100,
         checkpoint_interval=100,
         log_interval=10,
-        # bf16 autocast pays off only on a CPU with native bf16 (bench/train_throughput.py times each variant
-        # against eager fp32 on the machine at hand)
-        dtype="bfloat16",
+        # auto: bf16 autocast only on a CPU that computes bf16 natively, where it pays off; elsewhere it is
+        # slower than fp32 (bench/train_throughput.py times each variant on the machine at hand)
+        dtype="auto",
         compile="true",
     ),
 }

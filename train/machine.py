@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.device import fast_dtype, pick_device
+from model.device import fast_dtype, native_bf16, pick_device
 
 from .config import TrainConfig
 
@@ -25,6 +25,7 @@ PEAK_FLOPS = {
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
 }
+SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Machine:
     compile: bool
     rank: int = 0
     world_size: int = 1
+    why: str = ""  # the autocast dtype's reason, for the run's log line
 
     @property
     def is_main(self) -> bool:
@@ -43,6 +45,11 @@ class Machine:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def precision(self) -> str:
+        """The autocast dtype's name, and whether the model is compiled."""
+        name = SHORT_NAMES[self.autocast_dtype or torch.float32]
+        return name + (" + torch.compile" if self.compile else "")
 
     def hardware(self) -> str:
         name = (
@@ -72,6 +79,21 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def choose_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The autocast dtype that --dtype name means on device, and why. auto is the GPU's fastest on CUDA; on a
+    CPU it is bf16 only where the CPU computes bf16 natively, else fp32."""
+    if name != "auto":
+        dtype = getattr(torch, name)
+        slow = device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16()
+        return dtype, "--dtype " + name + (": this CPU emulates bf16, slower than fp32" if slow else "")
+    if device.type == "cuda":
+        return fast_dtype(device), "--dtype auto: the fastest this GPU computes"
+    feature = native_bf16()
+    if feature:
+        return torch.bfloat16, f"--dtype auto: this CPU computes bf16 natively ({feature})"
+    return torch.float32, "--dtype auto: this CPU has neither AMX nor AVX-512 BF16, so bf16 would be slower"
+
+
 def setup_machine(config: TrainConfig) -> Machine:
     """Device, autocast dtype and process group, decided once (RANK / WORLD_SIZE / LOCAL_RANK come from torchrun)."""
     rank, world_size = process_rank()
@@ -82,6 +104,6 @@ def setup_machine(config: TrainConfig) -> Machine:
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    dtype = fast_dtype(device) if config.dtype == "auto" else getattr(torch, config.dtype)
+    dtype, why = choose_dtype(config.dtype, device)
     compiled = config.compile == "true" or (config.compile == "auto" and device.type == "cuda")
-    return Machine(device, None if dtype == torch.float32 else dtype, compiled, rank, world_size)
+    return Machine(device, None if dtype == torch.float32 else dtype, compiled, rank, world_size, why)

@@ -146,7 +146,7 @@ class Trainer:
             part = slice(micro * plan.micro_batch, (micro + 1) * plan.micro_batch)
             sync = micro == plan.accum_steps - 1 or machine.world_size == 1
             with nullcontext() if sync else self.network.no_sync(), machine.autocast():
-                _, loss = self.network(inputs[part], targets[part])
+                _, loss = self.network(inputs[part], targets[part], self.config.label_smoothing)
                 loss = loss / plan.accum_steps
             self.scaler.scale(loss).backward()
             step_loss += loss.detach()
@@ -235,6 +235,7 @@ class Trainer:
                 f"{n_params:,}", f"{len(self.train_tokens):,}", f"{len(self.val_tokens):,}",
                 self.batches.per_pass, plan.batch_size, plan.seq_len, self.machine.hardware(),
             )  # fmt: skip
+            log.info("precision: %s (%s)", self.machine.precision(), self.machine.why)
         return 6 * n_params + 12 * shape.n_layer * shape.n_embd * plan.seq_len
 
     def agree_to_stop(self, check_loss: bool) -> tuple[int, bool]:
