@@ -27,6 +27,7 @@ from generate import build_weights, time_ours, time_transformers
 
 from model.tokenizer import load_tokenizer
 from serve import load_for_inference
+from train.config import TrainConfig
 from train.data import load_tokens
 
 GREEDY = dict(temperature=0.0)
@@ -34,7 +35,8 @@ GREEDY = dict(temperature=0.0)
 
 def prompt_of(length: int) -> list[int]:
     """The first length tokens of the shipped Tiny Shakespeare."""
-    return [int(t) for t in load_tokens("", str(Path.home() / ".cache" / "shakespeare-gpt"))[:length]]
+    config = TrainConfig()  # the trainer's default text and token cache
+    return [int(t) for t in load_tokens(config.data, config.cache_dir)[:length]]
 
 
 class Ours:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from generate import held_out_tokens
 
 from model import GPT
 from train.config import TrainConfig
@@ -47,8 +46,8 @@ def main() -> None:
     parser.add_argument("--data", default="", help="the training text (default: the trainer's)")
     args = parser.parse_args()
     config = TrainConfig(data=args.data)
-    train_split = split_held_out(load_tokens(config.data, config.cache_dir), config.val_fraction)[0]
-    held_out = held_out_tokens(args.data)
+    train_split, held_out = split_held_out(load_tokens(config.data, config.cache_dir), config.val_fraction)
+    held_out = torch.from_numpy(held_out.astype("int64"))
     for source in args.models:
         model = GPT.from_pretrained(source).eval()
         used = torch.zeros(model.config.vocab_size, dtype=torch.bool)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 
 from model import GPT  # noqa: E402
+from model.device import DTYPES  # noqa: E402
 from train.config import parse_config  # noqa: E402
 from train.machine import setup_machine  # noqa: E402
 from train.trainer import Trainer, prepare  # noqa: E402
@@ -34,13 +35,6 @@ VARIANTS = {
     "bf16 autocast": dict(dtype="bfloat16", compile="false"),
     "torch.compile": dict(dtype="float32", compile="true"),
     "torch.compile + bf16": dict(dtype="bfloat16", compile="true"),
-}
-# the variant a machine's (autocast dtype, compile) settings run
-VARIANTS_BY_SETTING = {
-    (None, False): "eager fp32 (baseline)",
-    (torch.bfloat16, False): "bf16 autocast",
-    (None, True): "torch.compile",
-    (torch.bfloat16, True): "torch.compile + bf16",
 }
 
 
@@ -89,7 +83,8 @@ def main() -> None:
         f"preset {args.preset}: {n_params:,} parameters, batch {config.batch_size} x {seq_len}, "
         f"{torch.get_num_threads()} threads, peak {peak / 1e9:.0f} GFLOP/s ({machine.device})"
     )
-    chosen = VARIANTS_BY_SETTING.get((machine.autocast_dtype, machine.compile))
+    runs = (machine.autocast_dtype or torch.float32, machine.compile)  # what the preset runs on this machine
+    chosen = next((n for n, v in VARIANTS.items() if (DTYPES[v["dtype"]], v["compile"] == "true") == runs), None)
     print(f"the preset runs {machine.precision()} here: {machine.why}")
     print(f"{'variant':<24} {'tokens/s':>10} {'MFU':>7} {'vs baseline':>12}")
     speeds = {}
