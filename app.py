@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--no-mcp", dest="mcp", action="store_false",
                         help="do not serve the app as an MCP server for LLM agents (at /gradio_api/mcp/)")  # fmt: skip
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="on the CPU, do not compile the decoding step in the background (the app serves "
+                        "eagerly until the compiled step is ready)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         "serving %s: %s parameters, %s on %s (%d threads), up to %d generations per step",
         facts.description, f"{facts.parameters:,}", facts.precision, model.device, threads, args.max_batch,
     )  # fmt: skip
-    scheduler = serve.Scheduler(model, args.max_batch)
+    compiled = serve.CompiledDecoding(model) if args.compile and model.device.type == "cpu" else None
+    scheduler = serve.Scheduler(model, args.max_batch, compiled)
     demo = build(scheduler, facts, args.update_seconds)
     # outermost first: every answer says nosniff, a malformed call is refused before it counts for its client
     middleware = [
@@ -291,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 app_kwargs={"middleware": middleware}, enable_monitoring=False, prevent_thread_lock=True,
                 mcp_server=args.mcp, css=probability_view.CSS)  # fmt: skip
+    if compiled is not None:
+        compiled.start(on_ready=scheduler.wake)  # after launch: the app serves eagerly meanwhile
     try:
         scheduler.run()  # decoding on the thread that loaded the model: torch runs slower from another
     except KeyboardInterrupt:

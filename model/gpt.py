@@ -15,17 +15,36 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+ATTENTION_BLOCK = 64  # positions: a batched decoding step attends over whole blocks of each row's cache slot
+
+
 class KVCache:
     """Keys and values of every layer for up to block_size positions of batch_size sequences (slots),
     allocated once. It holds no position: each call says where its tokens go (input_pos), as litgpt
-    passes it, and which slot each row uses."""
+    passes it, and which slot each row uses. It starts at zero, so a position that GPT.decode_step
+    masks out is a finite number times a weight of exactly 0."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype) -> None:
         head_size = config.n_embd // config.n_head
         shape = (batch_size, config.n_head, config.block_size, head_size)
         # one tensor per layer, so a step indexes a Python list instead of running tensor ops
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+
+
+class DecodeRows(NamedTuple):
+    """The rows of a batched decoding step (GPT.decode_step, one new token each): their cache slots and
+    positions (B,), and how many positions of the cache every row reads: whole ATTENTION_BLOCKs up to the
+    furthest row, at most the context."""
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    length: int
+
+    @classmethod
+    def of(cls, slots: list[int], positions: list[int], block_size: int, device) -> DecodeRows:
+        length = min(block_size, (max(positions) // ATTENTION_BLOCK + 1) * ATTENTION_BLOCK)
+        return cls(torch.tensor(slots, device=device), torch.tensor(positions, device=device), length)
 
 
 class CacheRows(NamedTuple):
@@ -82,6 +101,23 @@ class CausalSelfAttention(nn.Module):
             is_causal = False
         seen = slice(slot, slot + 1), slice(None), slice(0, start + T)
         return F.scaled_dot_product_attention(q, keys[seen], values[seen], attn_mask=mask, is_causal=is_causal)
+
+    def decode(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: DecodeRows, masked: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of one new position per row (x: (B, C)) over its cache slot, every row in one batched
+        computation. Each row reads the same rows.length positions, those past its own masked out, so its
+        products and sums run over the same blocks whatever its batch-mates' lengths: masked scores are
+        -inf, their weights exactly 0, and the values they meet finite (the cache starts at zero)."""
+        B, C = x.shape
+        q, k, v = self.c_attn(x).view(B, 3, self.n_head, C // self.n_head).unbind(1)  # (B, heads, head size)
+        keys[rows.slots, :, rows.positions] = k
+        values[rows.slots, :, rows.positions] = v
+        keys, values = keys[rows.slots, :, : rows.length], values[rows.slots, :, : rows.length]
+        scores = (q[:, :, None] * keys).sum(-1) * (C // self.n_head) ** -0.5
+        weights = scores.masked_fill(masked[:, None], float("-inf")).softmax(-1)  # (B, heads, length)
+        y = (weights[..., None] * values).sum(-2)  # a sum, not a matmul: no split that depends on the length
+        return self.c_proj(y.reshape(B, C))
 
 
 class MLP(nn.Module):
@@ -149,19 +185,26 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
-    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None, start=0, slots=None) -> torch.Tensor:
-        """The final hidden states of idx (B, T). Row b is at positions start .. start + T - 1 (start: one
-        number for every row, or a list with each row's own); with a cache, row b's keys and values are
-        written into cache slot slots[b] (default b) and its earlier positions are read from there."""
-        B, T = idx.shape
+    def rows_of(self, B: int, T: int, start, slots) -> tuple[list[int], list[int]]:
+        """Each row's first position and cache slot, checked, for a cached call of B rows of T tokens: start
+        is one number for every row or a list with each row's own; slots default to 0 .. B - 1."""
         starts = [start] * B if isinstance(start, int) else [int(s) for s in start]
-        if len(starts) != B or (slots is not None and len(slots) != B) or min(starts) < 0:
+        slots = list(range(B)) if slots is None else [int(s) for s in slots]
+        if len(starts) != B or len(slots) != B or min(starts) < 0:
             raise ValueError(f"{B} rows need {B} start positions (>= 0) and cache slots")
         if max(starts) + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {max(starts) + T} tokens is longer than the context ({self.config.block_size}); "
                 "crop it to the last block_size tokens"
             )
+        return starts, slots
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None, start=0, slots=None) -> torch.Tensor:
+        """The final hidden states of idx (B, T). Row b is at positions start .. start + T - 1 (start: one
+        number for every row, or a list with each row's own); with a cache, row b's keys and values are
+        written into cache slot slots[b] (default b) and its earlier positions are read from there."""
+        B, T = idx.shape
+        starts, slots = self.rows_of(B, T, start, slots)
         if isinstance(start, int):
             positions = self.transformer.wpe.weight[start : start + T]  # a slice: no index tensor
         else:
@@ -170,14 +213,21 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + positions
         if self.training:
             x = self.transformer.drop(x)
-        rows = (
-            CacheRows.of(list(range(B)) if slots is None else list(slots), starts, T, idx.device)
-            if cache is not None
-            else None
-        )
+        rows = CacheRows.of(slots, starts, T, idx.device) if cache is not None else None
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer, rows)
         return self.transformer.ln_f(x)
+
+    def decode_step(self, idx: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], rows: DecodeRows):
+        """The next logits (B, vocab) of B rows after one new token each (idx: (B,)), each at its own
+        position and cache slot (rows), every layer's attention batched over the rows (CausalSelfAttention.decode).
+        Only tensors and one length come in, so serve.compile_decoding can compile it once for any batch."""
+        x = self.transformer.wte(idx) + self.transformer.wpe(rows.positions)
+        masked = torch.arange(rows.length, device=idx.device) > rows.positions[:, None]  # (B, length): past each row
+        for block, layer_keys, layer_values in zip(self.transformer.h, keys, values, strict=True):
+            x = x + block.attn.decode(block.ln_1(x), layer_keys, layer_values, rows, masked)
+            x = x + block.mlp(block.ln_2(x))
+        return self.lm_head(self.transformer.ln_f(x))
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, label_smoothing: float = 0.0

@@ -4,6 +4,7 @@ use it; it builds on model/."""
 
 from . import policy
 from .batching import MAX_BATCH, Scheduler
+from .compiled import CompiledDecoding
 from .completions import (
     UPDATE_SECONDS,
     Request,
@@ -20,6 +21,7 @@ from .model_facts import ModelFacts
 __all__ = [
     "MAX_BATCH",
     "UPDATE_SECONDS",
+    "CompiledDecoding",
     "ModelFacts",
     "Request",
     "RequestError",

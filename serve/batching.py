@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from model import GPT, SamplingParams
 from model.sampling import TokenProbability
 
+from .compiled import CompiledDecoding
 from .decoding import DecodeBatch, Row
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,11 @@ class Scheduler:
     the CPU, torch's parallel kernels ran ~30% slower from another thread than from the one that first
     used them (GPT-2 124M int8, 2 cores: 75-80 instead of 110 tokens/s)."""
 
-    def __init__(self, model: GPT, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, model: GPT, max_batch: int = MAX_BATCH, compiled: CompiledDecoding | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
         self.model, self.max_batch = model, max_batch
+        self._compiled = compiled  # installed once it is ready and no request runs (see _admit)
         model.eval()
         self._batch = DecodeBatch(model, max_batch)
         self._streams: dict[Row, TokenStream] = {}
@@ -144,6 +146,10 @@ class Scheduler:
         """Drop closed requests, move waiting ones into free rows; False once the scheduler is closed."""
         with self._changed:
             while True:
+                if self._compiled is not None and self._compiled.ready.is_set() and not self._streams:
+                    self._compiled.install()  # between requests: each request's tokens come from one path
+                    self._compiled = None
+                    log.info("decoding steps now run compiled")
                 for row, stream in list(self._streams.items()):
                     if stream.closed:
                         self._leave(row)

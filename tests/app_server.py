@@ -62,9 +62,11 @@ def newcomer_env(home: Path, threads: int | None = 1) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_app(*args: str, env: dict[str, str] | None = None) -> Iterator[launch.RunningApp]:
+def running_app(*args: str, env: dict[str, str] | None = None, compile: bool = False) -> Iterator[launch.RunningApp]:
     """The real app.py on the CPU (as the tests compute: a CUDA machine would otherwise serve bf16) on a free
     port with args, in env (else app_env with one thread, like the test process: same arithmetic, no
-    spin-waiting beside other work); yields where it answers (.url) and its log."""
-    with launch.running_app(ROOT / "app.py", "--device", "cpu", *args, env=env or app_env(threads=1)) as app:
+    spin-waiting beside other work); yields where it answers (.url) and its log. Unless compile, it serves
+    with --no-compile: every answer from the eager path, and no compiler beside the tests on the CPU."""
+    flags = ["--device", "cpu", *([] if compile else ["--no-compile"])]
+    with launch.running_app(ROOT / "app.py", *flags, *args, env=env or app_env(threads=1)) as app:
         yield app

@@ -1,0 +1,101 @@
+"""Decoding steps compiled by torch.compile (Inductor): GPT.decode_step, all rows of a step in one batched
+computation, compiled once for any number of rows, cache slots and positions.
+
+Eager PyTorch runs a decoding step as ~25 small operations per layer, each with its own dispatch and
+memory pass; compiled, the per-row input scaling of the int8 Linear layers, the layer norms, GELU,
+residual adds and the attention of every row fuse into a few loops around fbgemm's int8 kernel
+(called through torch.ops.shakespeare.int8_linear, which the compiler can trace). The compile takes
+tens of seconds on a small CPU, so it runs on a thread of its own while the eager path serves
+(CompiledDecoding.start); the Scheduler switches to it when no request is running, so a request's
+tokens all come from one path. If compiling fails, decoding stays eager and one log line says why.
+
+A row's numbers do not depend on its batch-mates on either path: the eager path attends row by row;
+the compiled one reads whole blocks of each row's cache with the positions past its own masked out
+(CausalSelfAttention.decode). The two paths round differently, so a seed's text can differ between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from model import GPT
+from model.gpt import DecodeRows
+
+from .inference import Int8Linear
+
+log = logging.getLogger(__name__)
+
+
+class CompiledDecoding:
+    """model.decode_step compiled for one-token steps of any batch; install() makes model.next_token_logits
+    use it for them (longer calls, prompt chunks, stay eager)."""
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model
+        self.ready = threading.Event()  # set once compiled and checked
+        self.failed: str | None = None
+        self._eager = model.next_token_logits
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                module.traceable()  # registered now: the compiler must not see the registry change
+        self._step = torch.compile(model.decode_step, dynamic=True)
+        self._marked: set[int] = set()
+
+    def compile(self) -> bool:
+        """Compile and run the step on a scratch cache of two slots: one row in the first block, then two rows
+        of which one reads the whole context (the compiler tells a read of all the cache from one of a part
+        of it); True when it ran, False (and one log line) when it could not."""
+        started = time.perf_counter()
+        try:
+            cache = self.model.new_kv_cache(2)
+            block_size = self.model.config.block_size
+            with torch.inference_mode():
+                for slots, positions in (([1], [0]), ([0, 1], [block_size - 1, 1])):
+                    idx = torch.zeros(len(slots), dtype=torch.long, device=self.model.device)
+                    self._run(idx, cache, DecodeRows.of(slots, positions, block_size, idx.device))
+        except Exception as err:  # noqa: BLE001 - any failure of the compiler leaves the eager path serving
+            self.failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            log.warning("compiled decoding unavailable, decoding stays eager (%s)", self.failed)
+            return False
+        log.info("compiled decoding ready in %.1f s", time.perf_counter() - started)
+        self.ready.set()
+        return True
+
+    def start(self, on_ready=None) -> threading.Thread:
+        """compile() on a thread of its own; on_ready() is called after it succeeds."""
+
+        def work() -> None:
+            if self.compile() and on_ready is not None:
+                on_ready()
+
+        thread = threading.Thread(target=work, name="compile-decoding", daemon=True)
+        thread.start()
+        return thread
+
+    def install(self) -> None:
+        """From now on the model's one-token steps run compiled (call it between requests)."""
+        self.model.next_token_logits = self.next_token_logits
+
+    def next_token_logits(self, idx: torch.Tensor, cache, input_pos, slots=None) -> torch.Tensor:
+        """GPT.next_token_logits, with one-token steps compiled."""
+        B, T = idx.shape
+        if T != 1:
+            return self._eager(idx, cache, input_pos, slots)
+        starts, slots = self.model.rows_of(B, T, input_pos, slots)
+        return self._run(idx[:, 0], cache, DecodeRows.of(slots, starts, self.model.config.block_size, idx.device))
+
+    def _run(self, idx: torch.Tensor, cache, rows: DecodeRows) -> torch.Tensor:
+        # every size that varies (rows, cache slots) is symbolic from the start, so no batch size, not
+        # even 1, gets a graph of its own: one graph, the same kernels for every row
+        for tensor in (idx, *rows):
+            if isinstance(tensor, torch.Tensor):
+                torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        if id(cache) not in self._marked:
+            for tensor in (*cache.keys, *cache.values):
+                torch._dynamo.decorators.mark_unbacked(tensor, 0)
+            self._marked.add(id(cache))
+        return self._step(idx, cache.keys, cache.values, rows)

@@ -1,0 +1,135 @@
+"""The batched decoding step (GPT.decode_step) and its compiled form (serve.CompiledDecoding): the same
+logits as the eager step within rounding, every row bit-identical alone and beside rows at other positions,
+the scheduler's seeded answers equal to generate()'s, and a compiler that fails leaves decoding eager."""
+
+import logging
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, SamplingParams, generate
+from model.gpt import ATTENTION_BLOCK, DecodeRows
+from serve import CompiledDecoding, Scheduler
+from serve.inference import int8_supported, quantize_int8
+
+# a context of three attention blocks, so rows of one step read different numbers of blocks
+CONFIG = GPTConfig.from_preset("tiny", block_size=3 * ATTENTION_BLOCK)
+PROMPTS = {
+    0: [5, 6, 7],
+    1: list(range(100, 100 + ATTENTION_BLOCK + 9)),
+    2: list(range(300, 300 + 2 * ATTENTION_BLOCK + 20)),
+}
+
+
+@pytest.fixture(scope="module")
+def int8_model(perturb, make_varied):
+    if not int8_supported():
+        pytest.skip("the served CPU path is int8 (fbgemm), which this PyTorch build lacks")
+    torch.manual_seed(0)
+    return quantize_int8(make_varied(perturb(GPT(CONFIG))))
+
+
+@pytest.fixture(scope="module")
+def compiled(int8_model):
+    """The int8 model's decoding step compiled once (about 30 s on a 2-core CPU), not yet installed."""
+    decoding = CompiledDecoding(int8_model)
+    assert decoding.compile(), decoding.failed
+    return decoding
+
+
+def prefilled(model: GPT, slots: list[int]):
+    """A cache of 4 slots with PROMPTS[i] (all but its last token) in slots[i]; each row's last token and position."""
+    cache = model.new_kv_cache(4)
+    with torch.inference_mode():
+        for i, slot in enumerate(slots):
+            model.fill_cache(torch.tensor([PROMPTS[i][:-1]]), cache, 0, [slot])
+    return cache, [PROMPTS[i][-1] for i in range(len(slots))], [len(PROMPTS[i]) - 1 for i in range(len(slots))]
+
+
+def step(next_token_logits, model: GPT, rows: list[int], slots=(3, 0, 2)) -> list[torch.Tensor]:
+    """Next logits of the prompts `rows`, run as one call at their own slots and positions of a fresh cache."""
+    cache, last, positions = prefilled(model, list(slots))
+    with torch.inference_mode():
+        logits = next_token_logits(
+            torch.tensor([[last[i]] for i in rows]), cache, [positions[i] for i in rows], [slots[i] for i in rows]
+        )
+    return list(logits)
+
+
+def alone_and_together(next_token_logits, model: GPT) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [step(next_token_logits, model, [i])[0] for i in range(3)], step(next_token_logits, model, [0, 1, 2])
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_the_eager_batched_step_matches_the_row_by_row_step(precision, int8_model, perturb, make_varied):
+    """GPT.decode_step without a compiler: three rows reading one, two and three blocks of their cache give
+    the row-by-row path's logits within rounding, and with int8 Linear layers (batch-invariant kernels)
+    each row's logits alone, bit for bit."""
+    if precision == "int8":
+        model = int8_model
+    else:
+        torch.manual_seed(0)
+        model = make_varied(perturb(GPT(CONFIG))).eval()
+
+    def batched(idx, cache, positions, slots):
+        rows = DecodeRows.of(slots, positions, CONFIG.block_size, idx.device)
+        return model.decode_step(idx[:, 0], cache.keys, cache.values, rows)
+
+    alone, together = alone_and_together(batched, model)
+    reference = [step(model.next_token_logits, model, [i])[0] for i in range(3)]
+    spread = torch.stack(reference).std()
+    for row in range(3):
+        assert (alone[row] - reference[row]).abs().max() < 1e-3 * spread, row
+        assert (together[row] - reference[row]).abs().max() < 1e-3 * spread, row
+        assert torch.equal(together[row], alone[row]) or precision == "fp32", row
+
+
+def test_the_compiled_step_matches_the_eager_one_and_is_bit_identical_per_row(int8_model, compiled):
+    alone, together = alone_and_together(compiled.next_token_logits, int8_model)
+    eager = [step(int8_model.next_token_logits, int8_model, [i])[0] for i in range(3)]
+    spread = torch.stack(eager).std()
+    for row in range(3):
+        assert torch.equal(together[row], alone[row]), row
+        assert (alone[row] - eager[row]).abs().max() < 1e-3 * spread, row
+    with torch.inference_mode():  # longer calls (prompt chunks) are not the compiled step's: they stay eager
+        cache = int8_model.new_kv_cache(1)
+        chunk = torch.tensor([PROMPTS[1]])
+        assert torch.equal(compiled.next_token_logits(chunk, cache, 0), int8_model.next_token_logits(chunk, cache, 0))
+
+
+def test_the_scheduler_switches_between_requests_and_a_seeded_answer_is_the_same_alone_and_together(
+    int8_model, compiled
+):
+    """A scheduler given the compiled step installs it before its first request; then each seeded request
+    gives generate()'s tokens (now compiled too) though they run together."""
+    requests = [(PROMPTS[i], 30, SamplingParams(0.9, top_k=20, seed=i)) for i in range(3)]
+    eager_first = list(generate(int8_model, *requests[2][:2], params=requests[2][2]))
+    with Scheduler(int8_model, max_batch=4, compiled=compiled) as scheduler:
+        streams = [scheduler.generate(*request) for request in requests]
+        together = [list(stream) for stream in streams]
+    assert int8_model.next_token_logits == compiled.next_token_logits  # installed
+    alone = [list(generate(int8_model, prompt, n, params=params)) for prompt, n, params in requests]
+    assert together == alone
+    assert eager_first[:5] == alone[2][:5]  # rounding apart: the same first tokens, not necessarily all
+
+
+def test_a_compiler_that_fails_leaves_decoding_eager_with_one_log_line(monkeypatch, caplog, perturb):
+    torch.manual_seed(0)
+    model = perturb(GPT(GPTConfig.from_preset("tiny"))).eval()
+    eager = model.next_token_logits
+    decoding = CompiledDecoding(model)
+
+    def no_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(decoding, "_step", no_compiler)
+    with caplog.at_level(logging.INFO, logger="serve.compiled"):
+        assert decoding.start().join(timeout=60) is None
+    assert not decoding.ready.is_set()
+    assert decoding.failed == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    assert [record.getMessage() for record in caplog.records] == [
+        f"compiled decoding unavailable, decoding stays eager ({decoding.failed})"
+    ]
+    with Scheduler(model, max_batch=2, compiled=decoding) as scheduler:
+        assert len(list(scheduler.generate([1, 2], 3, SamplingParams(0.0)))) == 3
+    assert model.next_token_logits == eager
