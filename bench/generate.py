@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from model import GPT, GPTConfig, generate  # noqa: E402
 from serve import load_for_inference  # noqa: E402
+from serve.compiled import compile_now  # noqa: E402
 from serve.inference import cpu_threads  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_tokens, split_held_out  # noqa: E402
@@ -89,6 +90,13 @@ def held_out_loss(model: GPT, tokens: torch.Tensor, max_tokens: int) -> float:
     return total / windows
 
 
+def compiled(model: GPT) -> GPT:
+    """The model with its one-token decoding step compiled (serve.CompiledDecoding, as the app serves once ready)."""
+    if not compile_now(model):
+        raise RuntimeError("the decoding step did not compile (see the log line above)")
+    return model
+
+
 def time_ours(model: GPT, prompt: list[int], new_tokens: int, mode: dict) -> tuple[float, float, list[int]]:
     """(seconds to the first token, decode tokens/s after it, the tokens) of model.generate."""
     tokens, times = [], []
@@ -140,6 +148,7 @@ def speed(args, folder: Path, prompts: dict[int, list[int]], bandwidth: float) -
 
     loaders = {f"this project {name}": (lambda kw=kw: load_for_inference(folder, device="cpu", **kw))
                for name, kw in PRECISIONS.items()}  # fmt: skip
+    loaders["this project int8, compiled step"] = lambda: compiled(load_for_inference(folder, device="cpu"))
     loaders["transformers fp32"] = lambda: GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
     loaders["transformers bf16"] = lambda: GPT2LMHeadModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
     rows, reference_tokens = {}, {}

@@ -4,8 +4,9 @@
 
 For each model (`random`: GPT-2 124M with GPT-2's random initialisation, seed 0; `assets`: the model
 shipped in assets/; or any source) it launches `python app.py --device DEVICE` (its defaults: int8 on the
-CPU, bf16 on CUDA, --max-batch 16) and prints, as clients of its HTTP API see it (the times are when the
-streamed bytes arrive):
+CPU, bf16 on CUDA, --max-batch 16), waits on the CPU until the app serves its compiled decoding step (pass
+`-- --no-compile` to time the eager one) and prints, as clients of its HTTP API see it (the times are when
+the streamed bytes arrive):
 - tokens/s for N clients asking at once: the aggregate, and each client's own (median), and their
   ratios to one client alone;
 - the time to the first token of a client arriving while 8 others stream.
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from model import GPT, GPTConfig, SamplingParams, load_tokenizer  # noqa: E402
 from model.device import pick_device  # noqa: E402
 from serve import Scheduler, load_for_inference  # noqa: E402
+from serve.compiled import compile_now  # noqa: E402
 from tests.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
 
 # one connection pool for every visitor: a client made per call (httpx.post) loads its TLS certificates each
@@ -81,11 +83,25 @@ def first_token_while_streaming(url: str, streaming: int, new_tokens: int, tries
     return statistics.median(firsts)
 
 
+def compiled_or_eager(log: Path, compiling: bool, timeout: float = 900) -> str:
+    """Once the app has switched to its compiled decoding step (or failed to), what it serves with."""
+    start = time.perf_counter()
+    while compiling and time.perf_counter() - start < timeout:
+        text = log.read_text()
+        if "decoding steps now run compiled" in text:
+            return f"serving the compiled decoding step ({time.perf_counter() - start:.0f} s after start-up)"
+        if "compiled decoding unavailable" in text:
+            return "serving eagerly: " + text.split("compiled decoding unavailable")[1].splitlines()[0]
+        time.sleep(1)
+    return "serving eagerly" + (f" (not compiled within {timeout:.0f} s)" if compiling else " (--no-compile)")
+
+
 def serve_under_load(source: str, label: str, args) -> None:
     context = GPT.from_pretrained(source).config.block_size  # the most tokens a request may ask for
     # every client here is 127.0.0.1: the per-client limit (8) would refuse the 9th of 16
     app_args = ["--model", source, "--device", args.device, "--max-per-client", "64", *args.app_flags]
     with running_app(ROOT / "app.py", *app_args, env=app_env()) as app:
+        print(f"{label}: {compiled_or_eager(app.log, args.device == 'cpu' and '--no-compile' not in app_args)}")
         ask(app.url, 8, 0)  # first-call set-up, not timed
         load(app.url, 8, 8)
         runs = [{n: load(app.url, n, args.new_tokens) for n in CLIENTS} for _ in range(args.repeats)]
@@ -112,10 +128,13 @@ def invariance(source: str, label: str, new_tokens: int, device: str) -> None:
     prompts = ["ROMEO:", "First Citizen:", "To be or not", "JULIET:\nO", "KING", "Now is the winter", "A", "HAMLET:"]
     requests = [(tokenizer.encode(p), new_tokens, SamplingParams(0.8, top_k=50, seed=i)) for i, p in enumerate(prompts)]
     print(f"\n{label} on {device}: seeded answers identical alone and in a batch of 8 ({new_tokens} tokens each)")
-    for name, options in PRECISIONS.items():
-        if name == "int8" and device != "cpu":
-            continue  # int8 runs on the CPU only
-        with Scheduler(load_for_inference(source, device=device, **options), max_batch=8) as scheduler:
+    variants = [(name, options, False) for name, options in PRECISIONS.items() if name != "int8" or device == "cpu"]
+    variants += [("int8, compiled step", PRECISIONS["int8"], True)] if device == "cpu" else []
+    for name, options, compiled in variants:
+        model = load_for_inference(source, device=device, **options)
+        if compiled and not compile_now(model):
+            continue
+        with Scheduler(model, max_batch=8) as scheduler:
             alone = [list(scheduler.generate(*request)) for request in requests]
             streams = [scheduler.generate(*request) for request in requests]
             together = [list(stream) for stream in streams]

@@ -99,3 +99,12 @@ class CompiledDecoding:
                 torch._dynamo.decorators.mark_unbacked(tensor, 0)
             self._marked.add(id(cache))
         return self._step(idx, cache.keys, cache.values, rows)
+
+
+def compile_now(model: GPT) -> bool:
+    """Compile model's decoding step on this thread and install it (for scripts and benches that time it);
+    False, with the model left eager, when the compiler fails."""
+    decoding = CompiledDecoding(model)
+    if decoding.compile():
+        decoding.install()
+    return decoding.ready.is_set()

@@ -55,6 +55,9 @@ def int8_supported() -> bool:
     )
 
 
+_FBGEMM_INT8_LINEAR = (
+    torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default if int8_supported() else None
+)
 # torch.compile cannot trace fbgemm's packed weights (a TorchScript object), so a compiled graph calls the
 # int8 Linear through this op, which takes the layer's number in _PACKED instead (serve.compiled registers them)
 _PACKED: list = []
@@ -64,7 +67,7 @@ _LIBRARY.define("int8_linear(Tensor x, int layer, int out_features) -> Tensor")
 
 def _int8_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
     scale, zero_point = Int8Linear.INPUT_SCALE, Int8Linear.INPUT_ZERO_POINT
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, scale, zero_point, _PACKED[layer])
+    return _FBGEMM_INT8_LINEAR(x, scale, zero_point, _PACKED[layer])
 
 
 _LIBRARY.impl("int8_linear", _int8_linear, "CPU")
@@ -106,8 +109,7 @@ class Int8Linear(nn.Module):
         if torch.compiler.is_compiling():
             y = torch.ops.shakespeare.int8_linear(x / scale, self.traceable(), self.out_features)
         else:
-            int8_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
-            y = int8_linear(x / scale, self.INPUT_SCALE, self.INPUT_ZERO_POINT, self._packed)
+            y = _FBGEMM_INT8_LINEAR(x / scale, self.INPUT_SCALE, self.INPUT_ZERO_POINT, self._packed)
         return y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
 
     def traceable(self) -> int:

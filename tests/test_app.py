@@ -289,6 +289,25 @@ def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tin
     check_records(records, served, subject[0], text, 0.02)  # the int8 model's own plain forward pass
 
 
+def test_the_app_answers_at_once_and_switches_to_the_compiled_step_between_requests(tiny_folder, wait_until):
+    """By default (the CPU) the app answers before the decoding step is compiled, serving eagerly, and
+    switches when it is ready; then a seeded request gives the same text alone and beside 3 others."""
+    with running_app("--model", str(tiny_folder), "--max-batch", "4", compile=True) as compiled_app:
+        client = Client(compiled_app.url, verbose=False)
+        assert client.predict("ROMEO:", 8, 0.0, api_name="/generate").startswith("ROMEO:")
+        log = compiled_app.log.read_text
+        assert "compiled decoding ready" not in log()  # answering already: the compiler runs beside it
+        assert wait_until(lambda: "decoding steps now run compiled" in log(), seconds=240), log()
+        subject = ("To be or not", 40, 0.9, 40, 0.95, 1234)
+        alone = client.predict(*subject, api_name="/generate")
+        others = [("ROMEO:", 50, 1.2, 0, 1.0, 1), ("JULIET: " * 30, 40, 0.0, 0, 1.0, 2), ("A", 64, 0.7, 5, 0.8, 3)]
+        with ThreadPoolExecutor(4) as pool:
+            jobs = [pool.submit(client.predict, *request, api_name="/generate") for request in [*others, subject]]
+            together = [job.result() for job in jobs]
+        assert "compiled decoding unavailable" not in log()
+    assert together[-1] == alone and len(alone) > len(subject[0])
+
+
 @pytest.mark.parametrize("flag", ["--max-batch", "--max-per-client"])
 @pytest.mark.parametrize("value", ["0", "-2", "1.5", "many"])
 def test_counts_must_be_whole_numbers_of_at_least_one(flag, value, capsys):
