@@ -4,6 +4,7 @@ Python loop, and CTranslate2 int8 when it is installed.
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 -r requirements.txt \\
         -r requirements-bench.txt -e .
+    .venv-bench/bin/pip uninstall -y torchvision  # a CUDA build pip pulls in: see requirements-bench.txt
     .venv-bench/bin/python bench/anchors.py [--model SOURCE] [--repeats 3] [--new-tokens 96] [--threads 2]
 
 --model picks the weights (default: GPT-2 124M with GPT-2's random initialisation, seed 0, as

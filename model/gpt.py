@@ -221,7 +221,7 @@ class GPT(nn.Module):
     def decode_step(self, idx: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], rows: DecodeRows):
         """The next logits (B, vocab) of B rows after one new token each (idx: (B,)), each at its own
         position and cache slot (rows), every layer's attention batched over the rows (CausalSelfAttention.decode).
-        Only tensors and one length come in, so serve.compile_decoding can compile it once for any batch."""
+        Only tensors and one length come in, so serve.CompiledDecoding compiles it once for any batch."""
         x = self.transformer.wte(idx) + self.transformer.wpe(rows.positions)
         masked = torch.arange(rows.length, device=idx.device) > rows.positions[:, None]  # (B, length): past each row
         for block, layer_keys, layer_values in zip(self.transformer.h, keys, values, strict=True):

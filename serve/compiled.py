@@ -43,7 +43,6 @@ class CompiledDecoding:
             if isinstance(module, Int8Linear):
                 module.traceable()  # registered now: the compiler must not see the registry change
         self._step = torch.compile(model.decode_step, dynamic=True)
-        self._marked: set[int] = set()
 
     def compile(self) -> bool:
         """Compile and run the step on a scratch cache of two slots: one row in the first block, then two rows
@@ -91,13 +90,8 @@ class CompiledDecoding:
     def _run(self, idx: torch.Tensor, cache, rows: DecodeRows) -> torch.Tensor:
         # every size that varies (rows, cache slots) is symbolic from the start, so no batch size, not
         # even 1, gets a graph of its own: one graph, the same kernels for every row
-        for tensor in (idx, *rows):
-            if isinstance(tensor, torch.Tensor):
-                torch._dynamo.decorators.mark_unbacked(tensor, 0)
-        if id(cache) not in self._marked:
-            for tensor in (*cache.keys, *cache.values):
-                torch._dynamo.decorators.mark_unbacked(tensor, 0)
-            self._marked.add(id(cache))
+        for tensor in (idx, rows.slots, rows.positions, *cache.keys, *cache.values):
+            torch._dynamo.decorators.mark_unbacked(tensor, 0)
         return self._step(idx, cache.keys, cache.values, rows)
 
 
