@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="do not serve the app as an MCP server for LLM agents (at /gradio_api/mcp/)")  # fmt: skip
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="on the CPU, do not compile the decoding step in the background (the app serves "
-                        "eagerly until the compiled step is ready)")  # fmt: skip
+                        "eagerly until the step is compiled; it compiles once idle for a few seconds)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -295,8 +295,6 @@ def main(argv: list[str] | None = None) -> None:
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 app_kwargs={"middleware": middleware}, enable_monitoring=False, prevent_thread_lock=True,
                 mcp_server=args.mcp, css=probability_view.CSS)  # fmt: skip
-    if compiled is not None:
-        compiled.start(on_ready=scheduler.wake)  # after launch: the app serves eagerly meanwhile
     try:
         scheduler.run()  # decoding on the thread that loaded the model: torch runs slower from another
     except KeyboardInterrupt:

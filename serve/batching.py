@@ -23,6 +23,7 @@ from .decoding import DecodeBatch, Row
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 16  # rows decoded together: a visitor arriving while 8 others stream joins at the next step
+COMPILE_AFTER_IDLE = 5.0  # seconds without a request before a compiled decoding step starts compiling
 _END = object()
 
 
@@ -78,13 +79,16 @@ class Scheduler:
 
     Run it on the thread that loaded the model where you can (app.py runs it on its main thread): on
     the CPU, torch's parallel kernels ran ~30% slower from another thread than from the one that first
-    used them (GPT-2 124M int8, 2 cores: 75-80 instead of 110 tokens/s)."""
+    used them (GPT-2 124M int8, 2 cores: 75-80 instead of 110 tokens/s).
+
+    Given a CompiledDecoding (compiled), it starts compiling once no request has come for COMPILE_AFTER_IDLE
+    seconds, and installs the compiled step when it is ready and no request runs."""
 
     def __init__(self, model: GPT, max_batch: int = MAX_BATCH, compiled: CompiledDecoding | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
         self.model, self.max_batch = model, max_batch
-        self._compiled = compiled  # installed once it is ready and no request runs (see _admit)
+        self._compiled = compiled  # compiled once idle, installed once ready and no request runs (see _admit)
         model.eval()
         self._batch = DecodeBatch(model, max_batch)
         self._streams: dict[Row, TokenStream] = {}
@@ -162,7 +166,10 @@ class Scheduler:
                     self._streams[row] = stream
                 if self._stopped or self._streams:
                     return not self._stopped
-                self._changed.wait()
+                if self._compiled is None or self._compiled.started:
+                    self._changed.wait()
+                elif not self._changed.wait(COMPILE_AFTER_IDLE) and not self._waiting:
+                    self._compiled.start(on_ready=self.wake)  # idle for a while: compile now, beside no request
 
     def _leave(self, row: Row, last=None) -> None:
         self._batch.remove(row)

@@ -6,8 +6,10 @@ memory pass; compiled, the per-row input scaling of the int8 Linear layers, the 
 residual adds and the attention of every row fuse into a few loops around fbgemm's int8 kernel
 (called through torch.ops.shakespeare.int8_linear, which the compiler can trace). The compile takes
 tens of seconds on a small CPU, so it runs on a thread of its own while the eager path serves
-(CompiledDecoding.start); the Scheduler switches to it when no request is running, so a request's
-tokens all come from one path. If compiling fails, decoding stays eager and one log line says why.
+(CompiledDecoding.start). Compiling is Python work that holds the interpreter lock for most of that time,
+and a request decoded meanwhile runs several times slower, so the Scheduler starts it only once no
+request has come for a few seconds, and switches to the compiled step when no request is running (a
+request's tokens all come from one path). If compiling fails, decoding stays eager and one log line says why.
 
 A row's numbers do not depend on its batch-mates on either path: the eager path attends row by row;
 the compiled one reads whole blocks of each row's cache with the positions past its own masked out
@@ -37,6 +39,7 @@ class CompiledDecoding:
     def __init__(self, model: GPT) -> None:
         self.model = model
         self.ready = threading.Event()  # set once compiled and checked
+        self.started = False
         self.failed: str | None = None
         self._eager = model.next_token_logits
         for module in model.modules():
@@ -72,6 +75,7 @@ class CompiledDecoding:
                 on_ready()
 
         thread = threading.Thread(target=work, name="compile-decoding", daemon=True)
+        self.started = True
         thread.start()
         return thread
 

@@ -3,13 +3,14 @@ logits as the eager step within rounding, every row bit-identical alone and besi
 the scheduler's seeded answers equal to generate()'s, and a compiler that fails leaves decoding eager."""
 
 import logging
+import threading
 
 import pytest
 import torch
 
 from model import GPT, GPTConfig, SamplingParams, generate
 from model.gpt import ATTENTION_BLOCK, DecodeRows
-from serve import CompiledDecoding, Scheduler
+from serve import CompiledDecoding, Scheduler, batching
 from serve.inference import int8_supported, quantize_int8
 
 # a context of three attention blocks, so rows of one step read different numbers of blocks
@@ -133,3 +134,37 @@ def test_a_compiler_that_fails_leaves_decoding_eager_with_one_log_line(monkeypat
     with Scheduler(model, max_batch=2, compiled=decoding) as scheduler:
         assert len(list(scheduler.generate([1, 2], 3, SamplingParams(0.0)))) == 3
     assert model.next_token_logits == eager
+
+
+class FakeCompile:
+    """Stands in for CompiledDecoding's compiler to pin when the scheduler starts and installs it."""
+
+    def __init__(self, batch_events: list[str]) -> None:
+        self.events, self.started = batch_events, False
+        self.ready = threading.Event()
+
+    def start(self, on_ready) -> None:
+        self.started = True
+        self.events.append("compile")
+        self.ready.set()
+        on_ready()
+
+    def install(self) -> None:
+        self.events.append("install")
+
+
+def test_the_scheduler_compiles_only_once_idle_and_switches_only_between_requests(monkeypatch, wait_until):
+    """A request that runs keeps the compiler waiting (it would take the interpreter lock from the decoding),
+    and the compiled step is installed when no request runs."""
+    monkeypatch.setattr(batching, "COMPILE_AFTER_IDLE", 0.3)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny")).eval()
+    events: list[str] = []
+    compiler = FakeCompile(events)
+    with Scheduler(model, max_batch=2, compiled=compiler) as scheduler:
+        for _ in range(4):  # back-to-back requests, each shorter than the idle time
+            events.append("request")
+            assert len(list(scheduler.generate([1, 2], 5, SamplingParams(0.0)))) == 5
+        assert "compile" not in events
+        assert wait_until(lambda: "install" in events, seconds=5)
+    assert events == ["request"] * 4 + ["compile", "install"]
