@@ -60,7 +60,7 @@ class CompiledDecoding:
                     idx = torch.zeros(len(slots), dtype=torch.long, device=self.model.device)
                     self._run(idx, cache, DecodeRows.of(slots, positions, block_size, idx.device))
         except Exception as err:  # noqa: BLE001 - any failure of the compiler leaves the eager path serving
-            self.failed = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            self.failed = _first_line(err)
             log.warning("compiled decoding unavailable, decoding stays eager (%s)", self.failed)
             return False
         log.info("compiled decoding ready in %.1f s", time.perf_counter() - started)
@@ -89,11 +89,18 @@ class CompiledDecoding:
         if T != 1:
             return self._eager(idx, cache, input_pos, slots)
         starts, slots = self.model.rows_of(B, T, input_pos, slots)
-        return self._run(idx[:, 0], cache, DecodeRows.of(slots, starts, self.model.config.block_size, idx.device))
+        try:
+            return self._run(idx[:, 0], cache, DecodeRows.of(slots, starts, self.model.config.block_size, idx.device))
+        except Exception as err:  # noqa: BLE001 - a compiled step that fails once is not trusted again
+            self.failed = _first_line(err)
+            log.warning("the compiled decoding step failed, decoding goes on eagerly (%s)", self.failed)
+            self.model.next_token_logits = self._eager
+            return self._eager(idx, cache, input_pos, slots)
 
     def _run(self, idx: torch.Tensor, cache, rows: DecodeRows) -> torch.Tensor:
-        # every size that varies (rows, cache slots) is symbolic from the start, so no batch size, not
-        # even 1, gets a graph of its own: one graph, the same kernels for every row
+        # every size that varies (rows, cache slots) is symbolic from the start, so no batch size, not even
+        # 1, gets a graph of its own: the same kernels for every row (a read of part of the cache and a read
+        # of all of it are the two graphs compile() makes)
         for tensor in (idx, rows.slots, rows.positions, *cache.keys, *cache.values):
             torch._dynamo.decorators.mark_unbacked(tensor, 0)
         return self._step(idx, cache.keys, cache.values, rows)
@@ -106,3 +113,8 @@ def compile_now(model: GPT) -> bool:
     if decoding.compile():
         decoding.install()
     return decoding.ready.is_set()
+
+
+def _first_line(err: Exception) -> str:
+    """The exception's type and the first line of its message, for one log line."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"

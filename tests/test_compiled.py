@@ -136,6 +136,29 @@ def test_a_compiler_that_fails_leaves_decoding_eager_with_one_log_line(monkeypat
     assert model.next_token_logits == eager
 
 
+def test_a_compiled_step_that_fails_while_serving_hands_back_to_eager(monkeypatch, caplog, perturb):
+    """An installed step that raises (an Inductor runtime error) gives the eager step's logits for that call,
+    one log line, and the eager step for every call after."""
+    torch.manual_seed(0)
+    model = perturb(GPT(CONFIG)).eval()
+    eager = model.next_token_logits
+    decoding = CompiledDecoding(model)
+    decoding.install()
+
+    def broken(*args):
+        raise RuntimeError("CppCompileError: C++ compile error\nmore detail")
+
+    monkeypatch.setattr(decoding, "_step", broken)
+    expected = step(eager, model, [0, 1, 2])
+    with caplog.at_level(logging.WARNING, logger="serve.compiled"):
+        got = step(model.next_token_logits, model, [0, 1, 2])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert model.next_token_logits == eager
+    assert [record.getMessage() for record in caplog.records] == [
+        "the compiled decoding step failed, decoding goes on eagerly (RuntimeError: CppCompileError: C++ compile error)"
+    ]
+
+
 class FakeCompile:
     """Stands in for CompiledDecoding's compiler to pin when the scheduler starts and installs it."""
 
