@@ -265,6 +265,16 @@ def test_flags_reach_load_for_inference(monkeypatch):
     assert "could not load a model from 'somewhere'" in exit.value.code and "no weights here" in exit.value.code
 
 
+def alone_and_beside_three_others(client: Client, subject: tuple) -> tuple[str, str]:
+    """The text of the /generate call `subject` alone, then run at once with 3 others of other lengths and
+    settings (a long prompt among them)."""
+    alone = client.predict(*subject, api_name="/generate")
+    others = [("ROMEO:", 50, 1.2, 0, 1.0, 1), ("JULIET: " * 30, 40, 0.0, 0, 1.0, 2), ("A", 64, 0.7, 5, 0.8, 3)]
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(client.predict, *request, api_name="/generate") for request in [*others, subject]]
+        return alone, [job.result() for job in jobs][-1]
+
+
 def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tiny_folder):
     """The default CPU path (int8) serves generate()'s greedy text; with --max-batch 4 a seeded request
     gives the same text alone and while 3 others of other lengths and settings run beside it."""
@@ -275,15 +285,11 @@ def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tin
         assert greedy(client, max_new_tokens=30) == expected(served, "ROMEO:", 30, temperature=0)
         panel = httpx.get(f"{default_url}/config", timeout=30).text
         subject = ("To be or not", 60, 0.9, 40, 0.95, 1234)
-        others = [("ROMEO:", 50, 1.2, 0, 1.0, 1), ("JULIET: " * 30, 40, 0.0, 0, 1.0, 2), ("A", 64, 0.7, 5, 0.8, 3)]
-        alone = client.predict(*subject, api_name="/generate")
+        alone, together = alone_and_beside_three_others(client, subject)
         text, records = client.predict(*subject, api_name="/generate_with_probabilities")
-        with ThreadPoolExecutor(4) as pool:
-            jobs = [pool.submit(client.predict, *request, api_name="/generate") for request in [*others, subject]]
-            together = [job.result() for job in jobs]
         log = default_app.log.read_text()
     assert precision_of(served) == "float32+int8" and "float32+int8" in panel
-    assert together[-1] == alone == expected(served, subject[0], 60, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    assert together == alone == expected(served, subject[0], 60, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
     assert "up to 4 generations per step" in log
     assert text == alone
     check_records(records, served, subject[0], text, 0.02)  # the int8 model's own plain forward pass
@@ -299,13 +305,9 @@ def test_the_app_answers_at_once_and_switches_to_the_compiled_step_between_reque
         assert "compiled decoding ready" not in log()  # answering already: the compiler runs beside it
         assert wait_until(lambda: "decoding steps now run compiled" in log(), seconds=240), log()
         subject = ("To be or not", 40, 0.9, 40, 0.95, 1234)
-        alone = client.predict(*subject, api_name="/generate")
-        others = [("ROMEO:", 50, 1.2, 0, 1.0, 1), ("JULIET: " * 30, 40, 0.0, 0, 1.0, 2), ("A", 64, 0.7, 5, 0.8, 3)]
-        with ThreadPoolExecutor(4) as pool:
-            jobs = [pool.submit(client.predict, *request, api_name="/generate") for request in [*others, subject]]
-            together = [job.result() for job in jobs]
+        alone, together = alone_and_beside_three_others(client, subject)
         assert "compiled decoding unavailable" not in log()
-    assert together[-1] == alone and len(alone) > len(subject[0])
+    assert together == alone and len(alone) > len(subject[0])
 
 
 @pytest.mark.parametrize("flag", ["--max-batch", "--max-per-client"])
