@@ -2,12 +2,12 @@
 
     python bench/weight_averaging.py [--decays 0.8,0.9,0.95] -- TRAIN_FLAGS
 
-TRAIN_FLAGS are train/train.py's. The real trainer runs them, and an exponential
-moving average of the weights at each decay is updated after every optimizer step
-(torch.optim.swa_utils). At the end of the run, the run's last weights and each average are scored on
-the held-out split the trainer scores, and each average is saved beside the run's checkpoints as
-OUT_DIR/ema-DECAY (a model folder GPT.from_pretrained and app.py load). The averages are only scored
-at the end, so the run's minutes stay its own.
+TRAIN_FLAGS are train/train.py's. The real trainer runs them, and an exponential moving average of the
+weights at each decay is updated after every optimizer step (torch.optim.swa_utils). The run folder gets
+what train/train.py leaves in it. At the end, the run's last weights and each average are scored on the
+held-out split the trainer scores, and each average is saved as OUT_DIR/ema-DECAY (a model folder that
+GPT.from_pretrained and app.py load). The averages are scored only at the end, so the run's minutes stay
+its own.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 
 from model.saving import save_folder  # noqa: E402
-from train import outputs  # noqa: E402
+from train import outputs, publish  # noqa: E402
 from train.config import parse_config  # noqa: E402
 from train.machine import setup_machine  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
@@ -70,6 +70,7 @@ def main() -> None:
         outputs.check_writable(folder)
     trainer = AveragingTrainer(config, setup_machine(config), decays=decays)
     summary = trainer.train()
+    publish.finish(trainer, summary)  # summary.json (and --push-to-hub), as train/train.py ends a run
     print(f"steps {summary['steps']}, {summary['train_minutes']} minutes")
     print(f"{'weights':<22} {'held-out loss':>14}")
     print(f"{'the run, last step':<22} {trainer.val_loss():>14.4f}")
