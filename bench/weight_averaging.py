@@ -61,8 +61,11 @@ def main() -> None:
     parser.add_argument("--decays", default="0.8,0.9,0.95", help="comma-separated EMA decays, each in (0, 1)")
     parser.add_argument("train_flags", nargs="+", help="train/train.py's flags, after --")
     args = parser.parse_args()
-    decays = [float(text) for text in args.decays.split(",")]
-    if not all(0 < decay < 1 for decay in decays):
+    try:
+        decays = [float(text) for text in args.decays.split(",")]
+    except ValueError:
+        decays = []
+    if not decays or not all(0 < decay < 1 for decay in decays):
         parser.error(f"--decays {args.decays}: each decay must be in (0, 1)")
     config = parse_config(args.train_flags)
     out_dir, checkpoint_dir, _ = outputs.out_dirs(config.out_dir, config.checkpoint_dir)
