@@ -12,9 +12,9 @@ bench/generate.py). Each engine decodes greedily, never stopping early, after a 
 tokens/s) and after a 512-token prompt, or the longest the model's context holds (time to the first
 token); each figure is the median over the repeats, and the ratios are against this project's int8 with
 the compiled decoding step (what the app serves once its background compile is done), beside the eager
-step it serves until then. The engines'
-packages are in requirements-bench.txt: the app and the tests never need them. Nothing is downloaded:
-the exports are made here from the weights folder, tokenizer included.
+step it serves until then. The engines' packages are in requirements-bench.txt: the app and the tests
+never need them. Nothing is downloaded: the exports are made here from the weights folder, tokenizer
+included.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from generate import build_weights, compiled, time_ours, time_transformers
 
-from model import GPT
 from model.tokenizer import load_tokenizer
 from serve import load_for_inference
 from train.config import TrainConfig
@@ -153,9 +152,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         folder = build_weights(args.model, Path(scratch) / "weights")
-        # the long prompt and its 2 new tokens fit the context (the shipped model's is 256)
-        short, long = prompt_of(10), prompt_of(min(512, GPT.from_pretrained(folder).config.block_size - 2))
         runners = engines(folder, args.threads, Path(scratch))
+        # the long prompt and its 2 new tokens fit the context (the shipped model's is 256); runners[0] is ours
+        short, long = prompt_of(10), prompt_of(min(512, runners[0].model.config.block_size - 2))
         for runner in runners:  # first-call set-up, not timed
             runner.run(short, 4)
         decode = {r.name: [] for r in runners}
