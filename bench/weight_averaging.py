@@ -76,7 +76,7 @@ def main() -> None:
     publish.finish(trainer, summary)  # summary.json (and --push-to-hub), as train/train.py ends a run
     print(f"steps {summary['steps']}, {summary['train_minutes']} minutes")
     print(f"{'weights':<22} {'held-out loss':>14}")
-    print(f"{'the run, last step':<22} {trainer.val_loss():>14.4f}")
+    print(f"{'the run, last step':<22} {summary['val_loss']:>14.4f}")  # scored by the run's last evaluation
     for decay, score in trainer.score_averages().items():
         folder = save_folder(trainer.averages[decay].module, out_dir / f"ema-{decay:g}")
         print(f"{f'EMA {decay:g}':<22} {score:>14.4f}   saved in {folder}")
