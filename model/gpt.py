@@ -149,10 +149,18 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or GPTConfig()
+        # built under torch.device("meta") (shapes only, weights loaded next) nothing is initialised: normal_ on
+        # a meta tensor imports torch._dynamo, seconds of the app's start-up. `_weight` skips nn.Embedding's own
+        # normal_; elsewhere the model is built and initialised as it always was, the same weights for a seed
+        shapes_only = torch.get_default_device().type == "meta"
+
+        def embedding(rows: int) -> nn.Embedding:
+            return nn.Embedding(rows, config.n_embd, _weight=torch.empty(rows, config.n_embd) if shapes_only else None)
+
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                wte=embedding(config.vocab_size),
+                wpe=embedding(config.block_size),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -160,7 +168,8 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        self.reset_parameters()
+        if not shapes_only:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""

@@ -45,7 +45,7 @@ class CompiledDecoding:
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 module.traceable()  # registered now: the compiler must not see the registry change
-        self._step = torch.compile(model.decode_step, dynamic=True)
+        self._step = None  # torch.compile imports the compiler (seconds): done by compile(), off the start-up
 
     def compile(self) -> bool:
         """Compile and run the step on a scratch cache of two slots: one row in the first block, then two rows
@@ -53,6 +53,7 @@ class CompiledDecoding:
         of it); True when it ran, False (and one log line) when it could not."""
         started = time.perf_counter()
         try:
+            self._step = torch.compile(self.model.decode_step, dynamic=True)
             cache = self.model.new_kv_cache(2)
             block_size = self.model.config.block_size
             with torch.inference_mode():

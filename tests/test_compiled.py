@@ -123,7 +123,7 @@ def test_a_compiler_that_fails_leaves_decoding_eager_with_one_log_line(monkeypat
     def no_compiler(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(decoding, "_step", no_compiler)
+    monkeypatch.setattr(torch, "compile", lambda step, **options: no_compiler)  # Inductor fails on the first call
     with caplog.at_level(logging.INFO, logger="serve.compiled"):
         assert decoding.start().join(timeout=60) is None
     assert not decoding.ready.is_set()
@@ -191,3 +191,21 @@ def test_the_scheduler_compiles_only_once_idle_and_switches_only_between_request
         assert "compile" not in events
         assert wait_until(lambda: "install" in events, seconds=5)
     assert events == ["request"] * 4 + ["compile", "install"]
+
+
+def test_loading_a_model_and_getting_its_compiled_decoding_ready_leaves_the_compiler_unimported(tmp_path):
+    """The compiler is seconds of imports on a small CPU: the app's start-up (loading the weights, building the
+    model on the meta device, CompiledDecoding()) must not pay them; compile() does, on its own thread."""
+    import subprocess
+    import sys
+
+    GPT(GPTConfig.from_preset("tiny")).save_pretrained(tmp_path)
+    script = (
+        "import sys, serve\n"
+        f"model = serve.load_for_inference({str(tmp_path)!r})\n"
+        "decoding = serve.CompiledDecoding(model)\n"
+        "print(sorted(name for name in ('torch._dynamo', 'torch._inductor') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]"]
