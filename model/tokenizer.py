@@ -55,15 +55,19 @@ def _read_ranks(folder: Path) -> tuple[dict[bytes, int], dict[str, int]]:
         merges = (folder / MERGES_NAME).read_text(encoding="utf-8").split("\n")
     except (OSError, ValueError) as err:
         raise TokenizerError(f"cannot read the tokenizer files in {folder}: {err}") from err
-    to_byte = _byte_decoder()
+    # each character of the alphabet to the byte it stands for, by str.translate in C; any other character
+    # becomes U+FFFD, which latin-1 cannot encode, so a token written outside the alphabet is refused
+    alphabet = {c: chr(b) for c, b in _byte_decoder().items()}
+    to_byte = str.maketrans({**{chr(b): "\ufffd" for b in range(256)}, **alphabet})
     special = {text: vocab.pop(text) for text in (EOT_TEXT,) if text in vocab}
     try:
-        ranks = {bytes(to_byte[c] for c in token): rank for token, rank in vocab.items()}
+        ranks = {token.translate(to_byte).encode("latin-1"): rank for token, rank in vocab.items()}
         pairs = [line.split() for line in merges if line and not line.startswith("#version")]
         consistent = len(pairs) + 256 == len(ranks) and all(
-            ranks.get(bytes(to_byte[c] for c in first + second)) == 256 + i for i, (first, second) in enumerate(pairs)
+            ranks.get((first + second).translate(to_byte).encode("latin-1")) == 256 + i
+            for i, (first, second) in enumerate(pairs)
         )
-    except (KeyError, ValueError, TypeError):
+    except (UnicodeEncodeError, ValueError, TypeError, AttributeError):
         consistent = False
     if not consistent or EOT_TEXT not in special:
         raise TokenizerError(
