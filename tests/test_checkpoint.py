@@ -376,8 +376,9 @@ def test_a_config_that_is_not_an_object_is_refused(saved, text):
         (lambda t: t.update({"transformer.ln_f.bias": t["transformer.ln_f.bias"].long()}), "dtype torch.int64"),
         (lambda t: t["transformer.h.0.mlp.c_fc.weight"].view(-1).__setitem__(3, float("nan")), "NaN or infinite"),
         (lambda t: t["transformer.wte.weight"].view(-1).__setitem__(0, float("inf")), "NaN or infinite"),
+        (lambda t: t["transformer.h.0.attn.c_attn.bias"].view(-1).__setitem__(-1, float("-inf")), "NaN or infinite"),
     ],
-    ids=["int64", "nan", "inf"],
+    ids=["int64", "nan", "inf", "-inf"],
 )
 def test_weights_that_are_not_finite_floats_are_refused(saved, change, message):
     rewrite(saved, change)
