@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("app_flags", nargs="*", help="passed to app.py after --, e.g. -- --quantize int8")
     args = parser.parse_args()
+    if min(args.starts, args.runs, args.max_new_tokens) < 1:
+        parser.error("--starts, --runs and --max-new-tokens must be at least 1")
 
     app_args = ["--model", args.model, *args.app_flags]
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other work slows every figure)")
