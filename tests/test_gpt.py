@@ -179,6 +179,18 @@ def test_presets():
         GPTConfig.from_preset("huge")
 
 
+def test_a_new_kv_cache_holds_zeros_even_where_freed_memory_held_nan(tiny_model):
+    """The batched decoding step multiplies the positions it masks out by a weight of 0: they must be finite,
+    so every new cache starts at zero, whatever the memory it gets held before."""
+    for rows in (1, 3, 1, 3):
+        cache = tiny_model.new_kv_cache(rows)
+        tensors = cache.keys + cache.values
+        assert all(t.shape[0] == rows and t.dtype == torch.float32 and not t.any() for t in tensors)
+        for t in tensors:
+            t.fill_(float("nan"))
+        del cache, tensors
+
+
 def test_cached_rows_need_a_start_and_a_slot_each(tiny_model):
     """Per-row positions and cache slots: one of each per row, positions >= 0, inside the context."""
     cache, idx = tiny_model.new_kv_cache(3), torch.tensor([[1], [2]])
