@@ -35,16 +35,19 @@ class TextEncoding(tiktoken.Encoding):
         return super().encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: each byte is written as a printable character in vocab.json."""
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    decoder = {chr(b): b for b in printable}
-    extra = 0
+def _to_bytes() -> dict[int, str]:
+    """GPT-2's byte-level alphabet as a str.translate table: vocab.json writes each byte as a printable
+    character, which becomes chr(byte) here, so the translated token encoded as latin-1 is its bytes. Any
+    other character below 256 becomes U+FFFD, which latin-1 cannot encode: a token written outside the
+    alphabet is refused (characters above it are left as they are, and cannot be encoded either)."""
+    table, extra = {}, 0
     for b in range(256):
-        if b not in printable:
-            decoder[chr(256 + extra)] = b
+        if chr(b).isprintable() and chr(b) != " ":
+            table[b] = chr(b)
+        else:
+            table[b], table[256 + extra] = "\ufffd", chr(b)
             extra += 1
-    return decoder
+    return table
 
 
 def _read_ranks(folder: Path) -> tuple[dict[bytes, int], dict[str, int]]:
@@ -55,10 +58,7 @@ def _read_ranks(folder: Path) -> tuple[dict[bytes, int], dict[str, int]]:
         merges = (folder / MERGES_NAME).read_text(encoding="utf-8").split("\n")
     except (OSError, ValueError) as err:
         raise TokenizerError(f"cannot read the tokenizer files in {folder}: {err}") from err
-    # each character of the alphabet to the byte it stands for, by str.translate in C; any other character
-    # becomes U+FFFD, which latin-1 cannot encode, so a token written outside the alphabet is refused
-    alphabet = {c: chr(b) for c, b in _byte_decoder().items()}
-    to_byte = str.maketrans({**{chr(b): "\ufffd" for b in range(256)}, **alphabet})
+    to_byte = _to_bytes()  # str.translate runs in C, where a generator per token ran in Python
     special = {text: vocab.pop(text) for text in (EOT_TEXT,) if text in vocab}
     try:
         ranks = {token.translate(to_byte).encode("latin-1"): rank for token, rank in vocab.items()}
