@@ -4,6 +4,7 @@
 import argparse
 import base64
 import logging
+import math
 import mimetypes
 import os
 import sys
@@ -35,6 +36,16 @@ def at_least_one(text: str) -> int:
     return int(text)
 
 
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -52,8 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "together, one row each of a model step (more wait in the queue)")  # fmt: skip
     parser.add_argument("--max-per-client", type=at_least_one, default=8,
                         help="generations a client may have queued or running")  # fmt: skip
-    parser.add_argument("--update-seconds", type=float, default=serve.UPDATE_SECONDS, help="stream updates at most "
-                        "this often (the first token is shown at once); 0 = every token")  # fmt: skip
+    parser.add_argument("--update-seconds", type=seconds, default=serve.UPDATE_SECONDS, help="stream updates at "
+                        "most this often (the first token is shown at once); 0 = every token")  # fmt: skip
+    parser.add_argument("--unread-seconds", type=seconds, default=guards.UNREAD_SECONDS,
+                        help=f"stop a generation once more than {guards.UNREAD_LIMIT} of its updates wait and "
+                        "none has been read for this long (a /call/ whose result nobody fetches)")  # fmt: skip
     parser.add_argument(
         "--dtype", choices=["auto", *DTYPES], default="auto",
         help="weight dtype; auto: bf16 (or fp16) on CUDA, fp32 activations on the CPU",
@@ -74,8 +88,10 @@ class Generation:
     """The app's one way to run a request: check it, stream its completion, stop it when nobody reads it. The
     API endpoints and the page's button are thin wrappers around stream()."""
 
-    def __init__(self, scheduler: serve.Scheduler, tokenizer, update_seconds: float, blocks: Callable[[], gr.Blocks]):
-        self.scheduler, self.tokenizer, self.update_seconds, self.blocks = scheduler, tokenizer, update_seconds, blocks
+    def __init__(self, scheduler: serve.Scheduler, tokenizer, blocks: Callable[[], gr.Blocks], update_seconds: float,
+                 unread_seconds: float) -> None:  # fmt: skip
+        self.scheduler, self.tokenizer, self.blocks = scheduler, tokenizer, blocks
+        self.update_seconds, self.unread_seconds = update_seconds, unread_seconds
 
     def stream(self, settings: tuple, visitor: gr.Request | None, probabilities: bool = False, every: float = 0.0):
         """(text, stats) updates of the completion of settings (the six values of /generate, as sent: they
@@ -89,8 +105,9 @@ class Generation:
         session = visitor.session_hash if visitor is not None else None
         interval = max(self.update_seconds, every) if self.update_seconds else every
         completion = serve.stream_completion(self.scheduler, request, self.tokenizer, interval, probabilities)
+        reader = guards.ReadWatch(lambda: guards.unread_updates(self.blocks(), session), self.unread_seconds)
         for text, stats in completion:
-            if guards.unread_updates(self.blocks(), session) > guards.UNREAD_LIMIT:  # a /call/ nobody reads
+            if reader.abandoned():  # a /call/ nobody reads
                 log.info("stopped a generation after %d tokens: nobody reads its result", stats.new_tokens)
                 return
             yield text, stats
@@ -212,10 +229,13 @@ def model_panel(facts: serve.ModelFacts) -> None:
 
 
 def build(
-    scheduler: serve.Scheduler, facts: serve.ModelFacts, update_seconds: float = serve.UPDATE_SECONDS
+    scheduler: serve.Scheduler,
+    facts: serve.ModelFacts,
+    update_seconds: float = serve.UPDATE_SECONDS,
+    unread_seconds: float = guards.UNREAD_SECONDS,
 ) -> gr.Blocks:
     tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
-    generation = Generation(scheduler, tokenizer, update_seconds, lambda: demo)
+    generation = Generation(scheduler, tokenizer, lambda: demo, update_seconds, unread_seconds)
     # every way in shares one limit: each running call is one row of the scheduler's batch
     limits = dict(concurrency_id="generation", concurrency_limit=scheduler.max_batch)
     with gr.Blocks(title="ShakespeareGPT") as demo:
@@ -284,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     compiled = serve.CompiledDecoding(model) if args.compile and model.device.type == "cpu" else None
     scheduler = serve.Scheduler(model, args.max_batch, compiled)
-    demo = build(scheduler, facts, args.update_seconds)
+    demo = build(scheduler, facts, args.update_seconds, args.unread_seconds)
     # outermost first: every answer says nosniff, a malformed call is refused before it counts for its client
     middleware = [
         Middleware(guards.NoSniff),

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
+from collections.abc import Callable
 
 log = logging.getLogger("app")
 
@@ -23,7 +25,9 @@ API = "/gradio_api"
 JOIN_ROUTES = (f"{API}/queue/join", f"{API}/call/")
 # The routes that run a function at once, outside the queue: the page's small steps (an example's click).
 DIRECT_ROUTES = (f"{API}/run/", f"{API}/api/")
-UNREAD_LIMIT = 64  # updates a client may leave unread before its generation is taken as abandoned
+UNREAD_LIMIT = 64  # updates a client may leave unread before its generation can be taken as abandoned
+# ... and for how long none may have been read: the GET of a two-step `/call/` may come some seconds after its POST
+UNREAD_SECONDS = 30.0
 MAX_BODY_BYTES = 2**21  # a prompt at its limit (100,000 characters) fits, escaped or not
 JSON_TYPES = {"integer": int, "number": (int, float), "string": str, "boolean": bool}
 JSON_NAMES = {list: "a list", str: "a string", int: "an integer", bool: "true or false", type(None): "null"}
@@ -371,3 +375,22 @@ def unread_updates(blocks, session_hash: str | None) -> int:
     near zero; a `/call/` job whose result nobody fetches lets it grow with every token."""
     messages = blocks._queue.pending_messages_per_session.get(session_hash) if session_hash else None
     return messages.qsize() if messages is not None else 0
+
+
+class ReadWatch:
+    """Whether anybody reads one generation's updates, asked once per update it sends. It is abandoned once
+    more than UNREAD_LIMIT updates wait and none has been read for `seconds`: a `/call/` whose result nobody
+    fetches stops, while a client that opens its stream late (the GET of a two-step `/call/`, a slow link,
+    a busy machine) still gets the whole text. A count that did not grow since the last check, with one
+    update sent in between, means the client read at least one."""
+
+    def __init__(self, unread: Callable[[], int], seconds: float = UNREAD_SECONDS, clock=time.monotonic) -> None:
+        self.unread, self.seconds, self.clock = unread, seconds, clock
+        self.last_count, self.last_read = 0, clock()
+
+    def abandoned(self) -> bool:
+        count, now = self.unread(), self.clock()
+        if count <= self.last_count:
+            self.last_read = now
+        self.last_count = count
+        return count > UNREAD_LIMIT and now - self.last_read >= self.seconds

@@ -106,12 +106,13 @@ def running_app(script: Path, *args: str, env: dict[str, str] | None = None) -> 
 
 
 def api_events(
-    url: str, data: list | str, api_name: str = "generate", client: httpx.Client | None = None
+    url: str, data: list | str, api_name: str = "generate", client: httpx.Client | None = None, read_after: float = 0
 ) -> Iterator[tuple[str, object]]:
-    """Call the app's HTTP API as any program may (POST /gradio_api/call/<api_name>, then read its server-sent
-    events) and yield each (event, data) the moment it arrives: "generating" with the outputs so far, then
-    "complete" or "error". data: the inputs as a list, or a JSON body written by hand (NaN, Infinity...).
-    Pass one httpx.Client for many calls: a client per call loads its TLS certificates each time."""
+    """Call the app's HTTP API as any program may (POST /gradio_api/call/<api_name>, then, read_after seconds
+    later, read its server-sent events) and yield each (event, data) the moment it arrives: "generating" with
+    the outputs so far, then "complete" or "error". data: the inputs as a list, or a JSON body written by hand
+    (NaN, Infinity...). Pass one httpx.Client for many calls: a client per call loads its TLS certificates
+    each time."""
     http = client or httpx.Client(timeout=API_TIMEOUT)
     endpoint = f"{url}/gradio_api/call/{api_name}"
     try:
@@ -119,6 +120,7 @@ def api_events(
             posted = http.post(endpoint, content=data, headers={"content-type": "application/json"}, timeout=60)
         else:
             posted = http.post(endpoint, json={"data": data}, timeout=60)
+        time.sleep(read_after)
         with http.stream("GET", f"{endpoint}/{posted.raise_for_status().json()['event_id']}") as response:
             event = None
             for line in response.iter_lines():

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from app_server import ROOT, running_app
-from launch import app_env, timed_generate
+from launch import api_events, app_env, timed_generate
 
 from model import GPT, GPTConfig
+from serve import guards
 
 LIMIT = 8  # the app's default --max-per-client
 STOPPED = "nobody reads its result"  # the app's log line for a /call/ job left unread
@@ -58,9 +60,9 @@ def held_decoding(folder: Path, step_seconds: float = 0.0) -> tuple[dict[str, st
 @pytest.fixture(scope="module")
 def app(tiny_folder, wait_until):
     with running_app("--model", str(tiny_folder), "--quantize", "none", "--update-seconds", "0") as app:
-        # The server answers before launch() prints its last start-up line (the hint about share=True): the
-        # log lines after it are the requests' own.
-        wait_until(lambda: "share=True" in app.log.read_text(), 60)
+        # The server answers before launch() prints its last start-up lines (the hint about share=True, then
+        # the MCP server's address): the log lines after those are the requests' own.
+        wait_until(lambda: "Streamable HTTP URL" in app.log.read_text(), 60)
         yield app
 
 
@@ -87,7 +89,8 @@ def burst_app(tmp_path_factory):
     GPT(GPTConfig.from_preset("tiny", block_size=256)).save_pretrained(folder / "model")
     env, hold = held_decoding(folder, step_seconds=0.05)
     env["SPACE_ID"] = "test/public"
-    flags = ["--host", "127.0.0.1", "--quantize", "none", "--update-seconds", "0"]  # an update per token
+    # an update per token; unread work stops after a second (30 by default)
+    flags = ["--host", "127.0.0.1", "--quantize", "none", "--update-seconds", "0", "--unread-seconds", "1"]
     with running_app("--model", str(folder / "model"), *flags, env=env) as app:
         yield app, hold
 
@@ -150,6 +153,45 @@ def test_a_burst_from_one_client_gets_its_limit_and_another_client_is_served_at_
     again = httpx.post(f"{app.url}/gradio_api/call/generate", json={"data": ["ROMEO:", 4, 0, 0, 1.0, 1]},
                        headers={"X-Forwarded-For": flooder}, timeout=60)  # fmt: skip
     assert again.status_code == 200, again.text
+
+
+def test_a_two_step_call_read_seconds_after_its_post_gets_its_whole_text(tmp_path):
+    """The GET of a two-step /call/ may come seconds after its POST: its 200 updates wait unread (more than
+    guards.UNREAD_LIMIT) for less than --unread-seconds (30 by default), so it runs to its end and its text
+    is the one read at once."""
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_preset("tiny", block_size=256)).save_pretrained(tmp_path / "model")
+    env, _ = held_decoding(tmp_path, step_seconds=0.01)  # 200 tokens in about 2 s
+    flags = ["--quantize", "none", "--update-seconds", "0"]  # an update per token
+    with running_app("--model", str(tmp_path / "model"), *flags, env=env) as app:
+        inputs = ["ROMEO:", 200, 0.8, 50, 1.0, 1]
+        *_, (event, at_once) = api_events(app.url, inputs)
+        *_, (late_event, late) = api_events(app.url, inputs, read_after=3)
+        assert event == late_event == "complete" and late == at_once
+        assert STOPPED not in app.log.read_text()
+
+
+def first_abandoned(checks: list[tuple[float, int]], seconds: float = 10.0) -> float | None:
+    """When a ReadWatch first takes work as abandoned, given its checks as (time, updates unread then)."""
+    now, count = 0.0, 0
+    watch = guards.ReadWatch(lambda: count, seconds, clock=lambda: now)
+    for now, count in checks:  # noqa: B007 (the watch reads both through its closures)
+        if watch.abandoned():
+            return now
+    return None
+
+
+def test_unread_work_is_abandoned_only_after_more_than_the_limit_and_seconds_without_a_read():
+    limit = guards.UNREAD_LIMIT
+    nobody = [(i / 10, i + 2) for i in range(400)]  # ten updates a second, none ever read
+    assert first_abandoned(nobody) == 10.0  # past the limit at 6.3 s, unread since the start at 10 s
+    assert first_abandoned(nobody, seconds=0) == (limit - 1) / 10  # 0: as soon as more than the limit wait
+    read_once = [(t, n) if t < 5 else (t, n - 40) for t, n in nobody]  # read 40 at 5 s, then nothing
+    assert first_abandoned(read_once) == 15.0
+    late = [(t, n) if t < 9.5 else (t, 0) for t, n in nobody]  # its stream opened at 9.5 s, 97 waiting
+    assert first_abandoned(late) is None
+    steady = [(i / 10, limit + 6) for i in range(400)]  # a reader that keeps a backlog of 70 as it reads
+    assert first_abandoned(steady) is None
 
 
 # -- malformed calls
