@@ -4,7 +4,6 @@
 import argparse
 import base64
 import logging
-import math
 import mimetypes
 import os
 import sys
@@ -19,6 +18,7 @@ import serve
 from model import CheckpointError, load_tokenizer
 from model.device import DTYPES
 from serve import guards, policy, probability_view
+from serve.flags import at_least_one, seconds
 from serve.inference import QUANTIZE
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -28,22 +28,6 @@ QUEUE_SIZE = 32
 # Gradio walks them whole, which at the text's 50 ms takes CPU from decoding (bench/probability_view.py)
 RECORDS_UPDATE_SECONDS = 0.2
 DEFAULTS = policy.default_params(seed=0)  # the settings a visitor or an API caller starts from
-
-
-def at_least_one(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return int(text)
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

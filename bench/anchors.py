@@ -30,6 +30,7 @@ from generate import build_weights, compiled, time_ours, time_transformers
 
 from model.tokenizer import load_tokenizer
 from serve import load_for_inference
+from serve.flags import at_least_one
 from train.config import TrainConfig
 from train.data import load_tokens
 
@@ -145,9 +146,9 @@ def engines(folder: Path, threads: int, scratch: Path) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="weights to time (default: random GPT-2 124M, seed 0)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=at_least_one, default=3)
+    parser.add_argument("--new-tokens", type=at_least_one, default=96)
+    parser.add_argument("--threads", type=at_least_one, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:

@@ -26,6 +26,7 @@ import httpx  # noqa: E402
 
 import serve  # noqa: E402
 from model import generate, load_tokenizer  # noqa: E402
+from serve.flags import at_least_one  # noqa: E402
 from tests.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
 
 PROMPT = "ROMEO:"
@@ -55,13 +56,11 @@ def verdict(value: float, goal: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "assets"))
-    parser.add_argument("--starts", type=int, default=3, help="app launches timed to ready")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--starts", type=at_least_one, default=3, help="app launches timed to ready")
+    parser.add_argument("--runs", type=at_least_one, default=5)
+    parser.add_argument("--max-new-tokens", type=at_least_one, default=100)
     parser.add_argument("app_flags", nargs="*", help="passed to app.py after --, e.g. -- --quantize int8")
     args = parser.parse_args()
-    if min(args.starts, args.runs, args.max_new_tokens) < 1:
-        parser.error("--starts, --runs and --max-new-tokens must be at least 1")
 
     app_args = ["--model", args.model, *args.app_flags]
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other work slows every figure)")

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from model import GPT, GPTConfig, generate  # noqa: E402
 from serve import load_for_inference  # noqa: E402
 from serve.compiled import compile_now  # noqa: E402
+from serve.flags import at_least_one  # noqa: E402
 from serve.inference import cpu_threads  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_tokens, split_held_out  # noqa: E402
@@ -210,12 +211,12 @@ def quality(args, sources: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="weights to time (default: random GPT-2 124M)")
-    parser.add_argument("--threads", type=int, default=cpu_threads())
-    parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[10, 512])
+    parser.add_argument("--threads", type=at_least_one, default=cpu_threads())
+    parser.add_argument("--new-tokens", type=at_least_one, default=200)
+    parser.add_argument("--prompt-lengths", type=at_least_one, nargs="+", default=[10, 512])
     parser.add_argument("--data", default="", help="the text, as the trainer's --data (default: the trainer's)")
     parser.add_argument("--quality-model", action="append", help="default: assets/ and --model")
-    parser.add_argument("--eval-tokens", type=int, default=40_000, help="held-out tokens per loss")
+    parser.add_argument("--eval-tokens", type=at_least_one, default=40_000, help="held-out tokens per loss")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

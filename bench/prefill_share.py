@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import GPT, GPTConfig, SamplingParams  # noqa: E402
 from serve import Scheduler, load_for_inference, use_cpu_threads  # noqa: E402
+from serve.flags import at_least_one  # noqa: E402
 
 SHORT = list(range(1000, 1010))
 
@@ -77,8 +78,8 @@ def gaps(times: list[list[float]], start: float, end: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model source (default: GPT-2 124M, random weights)")
-    parser.add_argument("--long", type=int, default=1000, help="tokens of the long prompt")
-    parser.add_argument("--decoding", type=int, default=4, help="rows decoding while it is prefilled")
+    parser.add_argument("--long", type=at_least_one, default=1000, help="tokens of the long prompt")
+    parser.add_argument("--decoding", type=at_least_one, default=4, help="rows decoding while it is prefilled")
     args = parser.parse_args()
     use_cpu_threads()
     if args.model:

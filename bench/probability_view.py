@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))  # tests.launch, the app launcher, is not an insta
 import httpx  # noqa: E402
 
 from model import GPT, GPTConfig, load_tokenizer  # noqa: E402
+from serve.flags import at_least_one  # noqa: E402
 from tests.launch import API_TIMEOUT, api_events, app_env, running_app  # noqa: E402
 
 PROMPT = "ROMEO:"
@@ -40,8 +41,8 @@ def tokens_per_second(url: str, api_name: str, new_tokens: int, client: httpx.Cl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model source (default: GPT-2 124M, random weights)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=at_least_one, default=5)
+    parser.add_argument("--new-tokens", type=at_least_one, default=128)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         model = args.model or GPT(GPTConfig()).save_pretrained(folder)

@@ -37,6 +37,7 @@ from model import GPT, GPTConfig, SamplingParams, load_tokenizer  # noqa: E402
 from model.device import pick_device  # noqa: E402
 from serve import Scheduler, load_for_inference  # noqa: E402
 from serve.compiled import compile_now  # noqa: E402
+from serve.flags import at_least_one  # noqa: E402
 from tests.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
 
 # one connection pool for every visitor: a client made per call (httpx.post) loads its TLS certificates each
@@ -145,8 +146,8 @@ def invariance(source: str, label: str, new_tokens: int, device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["random", "assets"], help="random, assets or a source")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="sweeps over the client counts (medians shown)")
+    parser.add_argument("--new-tokens", type=at_least_one, default=128)
+    parser.add_argument("--repeats", type=at_least_one, default=3, help="sweeps over the client counts (medians shown)")
     parser.add_argument("--skip-invariance", action="store_true")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("app_flags", nargs="*", help="passed to app.py after --, e.g. -- --max-batch 4")

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 
 from model import GPT  # noqa: E402
 from model.device import DTYPES  # noqa: E402
+from serve.flags import at_least_one  # noqa: E402
 from train.config import parse_config  # noqa: E402
 from train.machine import setup_machine  # noqa: E402
 from train.trainer import Trainer, prepare  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="", help="the training text (default: the trainer's)")
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=at_least_one, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     argv = ["--preset", args.preset, "--dropout", "0", *(["--data", args.data] if args.data else [])]
