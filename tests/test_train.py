@@ -429,7 +429,7 @@ def test_label_smoothing_keeps_probability_for_tokens_the_text_never_uses(tmp_pa
     probe = torch.tensor([load_tokenizer().encode("ROMEO:\nWhat say you, my lord?")])
     unused_mass = {}
     for smoothing in ("0", "0.1"):
-        flags = ["--max-steps", "150", "--lr", "1e-2", "--label-smoothing", smoothing]
+        flags = ["--max-steps", "50", "--lr", "3e-2", "--label-smoothing", smoothing]
         result = run_train(train_args(tmp_path / smoothing, small_text, *flags))
         assert result.returncode == 0, result.stderr
         model = GPT.from_pretrained(tmp_path / smoothing / "out" / "latest")
@@ -437,8 +437,9 @@ def test_label_smoothing_keeps_probability_for_tokens_the_text_never_uses(tmp_pa
             probs = model(probe)[0].softmax(-1)
         unused_mass[smoothing] = 1 - float(probs[..., used].sum(-1).mean())
     # the smoothed targets give the unused tokens 0.1 x their share of the vocabulary (96%) as training goes on;
-    # plain targets push them towards nothing (about 0.01 and 0.2 after these 150 steps)
-    assert unused_mass["0.1"] > 0.05 and unused_mass["0.1"] > 5 * unused_mass["0"]
+    # plain targets push them towards nothing (about 0.04 and 0.13 after these 50 steps; 0.01 and 0.2 after
+    # 150 at 1e-2, in 2.5 times the time)
+    assert unused_mass["0.1"] > 0.1 and unused_mass["0.1"] > 2.5 * unused_mass["0"]
 
 
 def test_the_loss_with_label_smoothing_mixes_in_the_uniform_distribution(tiny_model):
