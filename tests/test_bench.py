@@ -3,9 +3,9 @@ loads or launches, instead of a traceback at the end of a long run."""
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from app_server import ROOT
+
 COUNTS = {
     "anchors": "--repeats",
     "app_startup": "--starts",
