@@ -269,7 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's start-up checks, one line each
-    threads = serve.use_cpu_threads()
+    try:
+        threads = serve.use_cpu_threads()  # the first read of the machine's capabilities (and their override)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     try:
         model = serve.load_for_inference(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
         facts = serve.ModelFacts.of(model, args.model, shipped=ASSETS)

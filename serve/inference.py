@@ -16,29 +16,14 @@ import torch
 import torch.nn as nn
 
 from model import GPT
-from model.device import DTYPES, fast_dtype, pick_device
+from model.device import DTYPES, capabilities, fast_dtype, pick_device, probed
 
 QUANTIZE = ("none", "int8")
 
 
-def cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The CPUs a cgroup CPU quota allows (v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), or None without one."""
-    try:
-        try:
-            quota, period = (root / "cpu.max").read_text().split()[:2]
-        except OSError:
-            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        return None if quota in ("max", "-1") else max(1, int(quota) // int(period))
-    except (OSError, ValueError):
-        return None
-
-
 def cpu_threads() -> int:
-    """The CPUs this process may really use: its affinity, capped by a cgroup CPU quota (a container
-    on a 2-vCPU Space can see every core of the host, and more threads than CPUs only spin)."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(available, cgroup_cpus() or available))
+    """The CPUs this process may really use (model.device.capabilities)."""
+    return capabilities().threads
 
 
 def use_cpu_threads() -> int:
@@ -49,14 +34,12 @@ def use_cpu_threads() -> int:
 
 
 def int8_supported() -> bool:
-    """Whether this PyTorch build has fbgemm's int8 Linear with a fixed input range and fp32 output."""
-    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
-        torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"
-    )
+    """Whether the int8 Linear (fbgemm's, with a fixed input range and fp32 output) is offered here."""
+    return capabilities().int8
 
 
 _FBGEMM_INT8_LINEAR = (
-    torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default if int8_supported() else None
+    torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default if probed().int8 else None
 )
 # torch.compile cannot trace fbgemm's packed weights (a TorchScript object), so a compiled graph calls the
 # int8 Linear through this op, which takes the layer's number in _PACKED instead (serve.compiled registers them)
@@ -145,10 +128,7 @@ class PackedBF16Linear(nn.Module):
 def onednn_bf16_supported() -> bool:
     """Whether oneDNN can pack bf16 weights on this CPU: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which
     many CPUs lack (AMD before Zen 4, Intel before Skylake-SP); elsewhere bf16 runs through F.linear."""
-    ops = torch.ops.mkldnn
-    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")):
-        return False
-    return bool(ops._is_mkldnn_bf16_supported())
+    return capabilities().onednn_bf16
 
 
 def _replace_linears(model: GPT, make) -> GPT:

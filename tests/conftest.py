@@ -93,10 +93,12 @@ def tiny_model(tiny_config):
 
 @pytest.fixture
 def hf_gpt2():
-    """Build a randomly initialised transformers.GPT2LMHeadModel with a GPTConfig's shape."""
+    """hf_gpt2(config, seed=0, std=0.02): a random transformers.GPT2LMHeadModel with a GPTConfig's shape. Its
+    weights come from this seed alone (normal(0, std), GPT-2's initialisation at 0.02, drawn here), not from the
+    installed transformers' own initialisation, which changes between its releases."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    def build(config, seed: int = 0):
+    def build(config, seed: int = 0, std: float = 0.02):
         hf_config = GPT2Config(
             vocab_size=config.vocab_size,
             n_positions=config.block_size,
@@ -104,8 +106,17 @@ def hf_gpt2():
             n_layer=config.n_layer,
             n_head=config.n_head,
         )
-        torch.manual_seed(seed)
-        return _perturb(GPT2LMHeadModel(hf_config), seed)
+        model = GPT2LMHeadModel(hf_config)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in sorted(model.named_parameters()):  # by name: the same draws in every release
+                if ".ln_" in name or name.startswith("transformer.ln_f"):
+                    param.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+        return _perturb(model, seed)
 
     return build
 

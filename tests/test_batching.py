@@ -97,6 +97,23 @@ def batch_and_solo_logits(model: GPT) -> tuple[list[torch.Tensor], torch.Tensor]
         return solo_logits, model.next_token_logits(last, batch_cache, positions, [3, 0, 2])
 
 
+@pytest.mark.parametrize("prompt_length", [63, 64])
+def test_a_batched_row_shifts_its_context_exactly_where_generate_does(int8_model, prompt_length):
+    """Rows decoded together well past the 64-token context (each shift keeps the last half and goes on), token
+    for token against generate(): a row shifting one token early or late writes other tokens from there."""
+    block_size = int8_model.config.block_size
+    requests = [(list(range(2000, 2000 + prompt_length)), SamplingParams(0.0, seed=1)),
+                (list(range(3000, 3000 + prompt_length)), SamplingParams(0.9, top_k=40, seed=2))]  # fmt: skip
+    expected = [list(generate(int8_model, prompt, 2 * block_size, params=params)) for prompt, params in requests]
+    with Scheduler(int8_model, max_batch=2) as scheduler:
+        streams = [scheduler.generate(prompt, 2 * block_size, params) for prompt, params in requests]
+        together = [[] for _ in requests]
+        for _ in range(2 * block_size):  # read in step, so the two rows are decoded together throughout
+            for tokens, stream in zip(together, streams, strict=True):
+                tokens.append(next(stream))
+    assert together == expected
+
+
 def test_rows_logits_are_bit_identical_to_a_batch_of_one(int8_model):
     """next_token_logits for rows at their own positions and cache slots equals each row run alone: the
     kernels and the attention never mix rows (a batch-wide int8 input range would move them ~1e-2)."""

@@ -9,16 +9,9 @@ import torch
 from test_checkpoint import logits_of
 
 from model import generate
-from serve import inference as inference_module
+from model.device import OVERRIDE, cgroup_cpus, probed
 from serve import load_for_inference, precision_of
-from serve.inference import (
-    Int8Linear,
-    PackedBF16Linear,
-    cgroup_cpus,
-    cpu_threads,
-    onednn_bf16_supported,
-    pick_precision,
-)
+from serve.inference import Int8Linear, PackedBF16Linear, cpu_threads, pick_precision
 
 PROMPT = [464, 3290, 373, 257]
 
@@ -61,9 +54,8 @@ def test_low_precision_keeps_the_predictions(saved, options, matches_recomputati
     assert len(list(generate(model, PROMPT, 20, temperature=0.8, top_k=50, seed=1))) == 20
 
 
+@pytest.mark.skipif(not probed().onednn_bf16, reason="oneDNN's bf16 Linear needs AVX-512 (BW, VL, DQ), not on this CPU")
 def test_bf16_on_the_cpu_runs_through_onednn_packed_layers(saved):
-    if not onednn_bf16_supported():
-        pytest.skip("this PyTorch build has no oneDNN")
     model = load_for_inference(saved, device="cpu", dtype="bfloat16")
     assert precision_of(model) == "bfloat16" and isinstance(model.lm_head, PackedBF16Linear)
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -71,12 +63,22 @@ def test_bf16_on_the_cpu_runs_through_onednn_packed_layers(saved):
     assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, model.transformer.wte.weight))
 
 
+def test_bf16_without_onednn_runs_through_plain_linear_layers(saved, monkeypatch):
+    monkeypatch.setenv(OVERRIDE, "onednn_bf16=no")  # a CPU without AVX-512: the branch every such CPU takes
+    model = load_for_inference(saved, device="cpu", dtype="bfloat16")
+    assert precision_of(model) == "bfloat16" and isinstance(model.lm_head, torch.nn.Linear)
+    assert not [m for m in model.modules() if isinstance(m, PackedBF16Linear)]
+    assert len(list(generate(model, PROMPT, 5, temperature=0))) == 5
+
+
 def test_fp32_on_request_and_without_int8_kernels(saved, monkeypatch):
     model = load_for_inference(saved, device="cpu", quantize="none")
     assert precision_of(model) == "float32" and model.lm_head.weight is model.transformer.wte.weight
     assert pick_precision(CPU, dtype="bfloat16") == (torch.bfloat16, "none")
-    monkeypatch.setattr(inference_module, "int8_supported", lambda: False)
+    monkeypatch.setenv(OVERRIDE, "int8=no")  # a PyTorch build without fbgemm
     assert pick_precision(CPU) == (torch.float32, "none")
+    with pytest.raises(ValueError, match="no fbgemm int8 kernels; use --quantize none"):
+        load_for_inference(saved, device="cpu", quantize="int8")
 
 
 def test_a_bf16_checkpoint_loads_in_the_precision_asked_for(tiny_model, tmp_path):
@@ -99,8 +101,10 @@ def test_unknown_or_conflicting_precision_is_refused(saved, options, message):
         load_for_inference(saved, device="cpu", **options)
 
 
-def test_cpu_threads_are_the_cpus_this_process_may_use():
+def test_cpu_threads_are_the_cpus_this_process_may_use(monkeypatch):
     assert 1 <= cpu_threads() <= os.cpu_count()
+    monkeypatch.setenv(OVERRIDE, "threads=3")
+    assert cpu_threads() == 3
 
 
 def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path):

@@ -7,6 +7,7 @@ import json
 import re
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -192,6 +193,80 @@ def test_unread_work_is_abandoned_only_after_more_than_the_limit_and_seconds_wit
     assert first_abandoned(late) is None
     steady = [(i / 10, limit + 6) for i in range(400)]  # a reader that keeps a backlog of 70 as it reads
     assert first_abandoned(steady) is None
+
+
+class QueueOf:
+    """What guards.live_jobs reads of a Gradio app: its queue's waiting lists and running slots (here: the
+    event ids in `running`, none waiting)."""
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self._queue = SimpleNamespace(event_queue_per_concurrency_id={}, active_jobs=[])
+
+    def sync(self) -> None:
+        self._queue.active_jobs = [[SimpleNamespace(_id=event) for event in sorted(self.running)]]
+
+
+def test_a_clients_place_is_freed_once_when_answers_come_back_between_its_posts():
+    """PerClientLimit (limit 3) in front of an app whose answers the test releases one by one, each job still
+    running after its answer: a place stays taken from the post's arrival to its job's end, whatever order
+    the answers and the later posts come in."""
+    blocks, released = QueueOf(), {}
+
+    async def app(scope, receive, send) -> None:  # answers with its event id once the test releases it
+        event = scope["path"].rsplit("/", 1)[-1]
+        await released.setdefault(event, asyncio.Event()).wait()
+        blocks.running.add(event)
+        blocks.sync()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps({"event_id": event}).encode()})
+
+    async def scenario() -> list:
+        limit = guards.PerClientLimit(app, blocks, limit=3)
+        statuses: dict[str, int] = {}
+
+        async def post(event: str) -> None:
+            scope = {"type": "http", "method": "POST", "path": f"/gradio_api/call/{event}", "headers": [],
+                     "client": ("10.1.2.3", 5000)}  # fmt: skip
+
+            async def send(message) -> None:
+                statuses.setdefault(event, message.get("status"))
+
+            await limit(scope, None, send)
+
+        async def settle() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        seen = []
+        tasks = [asyncio.create_task(post(event)) for event in ("a", "b")]
+        await settle()
+        released.setdefault("a", asyncio.Event()).set()  # a answered while b still arrives
+        await settle()
+        seen.append(limit.held("10.1.2.3"))  # a running, b arriving
+        tasks.append(asyncio.create_task(post("c")))
+        await settle()
+        tasks.append(asyncio.create_task(post("d")))  # the fourth: refused, however the answers came
+        await settle()
+        seen.append(statuses.get("d"))
+        for event in ("b", "c"):
+            released.setdefault(event, asyncio.Event()).set()
+        await settle()
+        seen.append(limit.held("10.1.2.3"))  # all three answered and running
+        tasks.append(asyncio.create_task(post("e")))
+        await settle()
+        seen.append(statuses.get("e"))
+        blocks.running.discard("a")  # a's job ends: one place free
+        blocks.sync()
+        tasks.append(asyncio.create_task(post("f")))
+        await settle()
+        seen.append(statuses.get("f"))
+        for event in "abcdef":  # let every accepted post be answered
+            released.setdefault(event, asyncio.Event()).set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return seen
+
+    assert asyncio.run(scenario()) == [2, 429, 3, 429, None]  # f accepted, so waiting for its answer
 
 
 # -- malformed calls

@@ -30,10 +30,21 @@ def train_args(tiny_flags, train_script):
     return build
 
 
-def test_loss_falls_and_folder_loads_in_transformers(tmp_path, small_text, train_args, run_train, read_metrics):
-    result = run_train(train_args(tmp_path, small_text, "--max-steps", "40"))
+# Both branches of --dtype auto on any CPU: bf16 where the CPU computes it natively (emulated where it does not, so
+# slower), fp32 where it does not (SHAKESPEARE_MACHINE reaches the trainer's process).
+BF16_BRANCHES = {
+    "bf16=avx512": "precision: bf16 (--dtype auto: this CPU computes bf16 natively (AVX-512 BF16))",
+    "bf16=none": "precision: fp32 (--dtype auto: this CPU has neither AMX nor AVX-512 BF16",
+}
+
+
+@pytest.mark.parametrize("machine", BF16_BRANCHES)
+def test_loss_falls_and_folder_loads_in_transformers(
+    tmp_path, small_text, train_args, run_train, read_metrics, machine
+):
+    result = run_train(train_args(tmp_path, small_text, "--max-steps", "40"), env={"SHAKESPEARE_MACHINE": machine})
     assert result.returncode == 0, result.stderr
-    assert re.search(r"precision: (fp32|bf16) \(--dtype auto", result.stderr)  # what autocast runs, and why
+    assert BF16_BRANCHES[machine] in result.stderr  # what autocast runs, and why
     rows = [r for r in read_metrics(tmp_path / "out") if "lr" in r]
     assert [r["step"] for r in rows] == list(range(5, 45, 5))
     assert rows[-1]["loss"] < rows[0]["loss"] - 2.0
@@ -429,7 +440,8 @@ def test_label_smoothing_keeps_probability_for_tokens_the_text_never_uses(tmp_pa
     probe = torch.tensor([load_tokenizer().encode("ROMEO:\nWhat say you, my lord?")])
     unused_mass = {}
     for smoothing in ("0", "0.1"):
-        flags = ["--max-steps", "50", "--lr", "3e-2", "--label-smoothing", smoothing]
+        # fp32 pinned: the figures below are fp32's (bf16, auto's choice where native, gives a ratio of 2.3)
+        flags = ["--max-steps", "50", "--lr", "3e-2", "--label-smoothing", smoothing, "--dtype", "float32"]
         result = run_train(train_args(tmp_path / smoothing, small_text, *flags))
         assert result.returncode == 0, result.stderr
         model = GPT.from_pretrained(tmp_path / smoothing / "out" / "latest")
@@ -452,12 +464,12 @@ def test_the_loss_with_label_smoothing_mixes_in_the_uniform_distribution(tiny_mo
     assert float(smoothed) != pytest.approx(float(plain), abs=1e-3)
 
 
-@pytest.mark.parametrize("feature", [None, "AMX", "AVX-512 BF16"])
-def test_on_a_cpu_auto_picks_bf16_only_where_the_cpu_computes_it_natively(feature, monkeypatch):
+@pytest.mark.parametrize("feature, override", [(None, "none"), ("AMX", "amx"), ("AVX-512 BF16", "avx512")])
+def test_on_a_cpu_auto_picks_bf16_only_where_the_cpu_computes_it_natively(feature, override, monkeypatch):
     import train.machine
     from train.config import parse_config
 
-    monkeypatch.setattr(train.machine, "native_bf16", lambda: feature)
+    monkeypatch.setenv("SHAKESPEARE_MACHINE", f"bf16={override}")
     machine = train.machine.setup_machine(parse_config(["--preset", "cpu", "--device", "cpu"]))
     assert machine.autocast_dtype == (torch.bfloat16 if feature else None) and machine.compile
     assert (f"natively ({feature})" if feature else "neither AMX nor AVX-512 BF16") in machine.why
@@ -469,12 +481,17 @@ def test_on_a_cpu_auto_picks_bf16_only_where_the_cpu_computes_it_natively(featur
 
 
 def test_native_bf16_reads_the_cpus_features(monkeypatch):
-    from model.device import native_bf16
+    from model.device import native_bf16, probed
 
+    monkeypatch.delenv("SHAKESPEARE_MACHINE", raising=False)
     for amx, avx512_bf16, expected in [(True, True, "AMX"), (False, True, "AVX-512 BF16"), (False, False, None)]:
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx512_bf16: avx)
+        probed.cache_clear()
         assert native_bf16() == expected
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probes: no claim of bf16
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    probed.cache_clear()
     assert native_bf16() is None
+    monkeypatch.undo()
+    probed.cache_clear()  # the machine's own answer again, for the tests after this one
