@@ -3,6 +3,8 @@
 
 import argparse
 import base64
+import inspect
+import json
 import logging
 import mimetypes
 import os
@@ -20,6 +22,7 @@ from model.device import DTYPES
 from serve import guards, policy, probability_view
 from serve.flags import at_least_one, seconds
 from serve.inference import QUANTIZE
+from webapp import openai_api
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 log = logging.getLogger("app")
@@ -28,6 +31,9 @@ QUEUE_SIZE = 32
 # Gradio walks them whole, which at the text's 50 ms takes CPU from decoding (bench/probability_view.py)
 RECORDS_UPDATE_SECONDS = 0.2
 DEFAULTS = policy.default_params(seed=0)  # the settings a visitor or an API caller starts from
+# the page's Stop is live only while a run is on: idle, there is nothing for it to stop
+STOP_IDLE, STOP_RUNNING = dict(variant="secondary", interactive=False), dict(variant="stop", interactive=True)
+RUNNING = "*Generating…*"  # the stats line while a run is on: the last run's figures are not this one's
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +74,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Each parameter's whole description, as the API page and MCP agents read it: Gradio takes them from the Args
+# lines of the function's docstring and keeps only the first line of each, so described() writes each on one.
+PARAMETERS = {
+    "prompt": 'the text to continue, e.g. "ROMEO:" or a line of verse; not blank. Only the model\'s last context '
+    "of tokens is read.",
+    "max_new_tokens": "how many tokens to write, from 1 to the model's context (default 200, or the context if "
+    "shorter); stops earlier at the end of a text.",
+    "temperature": "randomness, from 0 to 2: 0 always takes the likeliest token, 0.8 is lively, above 1.2 wanders.",
+    "top_k": "draw only from this many likeliest tokens, 0 to 200; 0 is off.",
+    "top_p": "draw only from the likeliest tokens whose probability adds up to this, 0.05 to 1; 1 is off.",
+    "seed": "-1 or None for a random seed, or 0 to 2**63-1: the same seed and settings give the same text.",
+}
+RECORD = (
+    '{"token": its text, "id": its id, "p": the model\'s probability of it (softmax of its logits at temperature 1, '
+    'before temperature, top-k and top-p), "top": the 5 most probable tokens under that distribution, each '
+    '{"token", "id", "p"}}.'
+)
+
+
+def described(summary: str):
+    """Give a handler the docstring Gradio reads: the summary, then one Args line per parameter of PARAMETERS."""
+
+    def describe(fn):
+        names = [name for name in inspect.signature(fn).parameters if name in PARAMETERS]
+        fn.__doc__ = summary + "\n\nArgs:\n" + "".join(f"    {name}: {PARAMETERS[name]}\n" for name in names)
+        return fn
+
+    return describe
+
+
 class Generation:
     """The app's one way to run a request: check it, stream its completion, stop it when nobody reads it. The
     API endpoints and the page's button are thin wrappers around stream()."""
@@ -100,6 +136,10 @@ class Generation:
         log.info("refused a request: %s", err)  # the caller's mistake: one log line, not a traceback
         return gr.Error(str(err), print_exception=False)
 
+    @described(
+        "Write Shakespeare-style text: continue the prompt with a GPT-2 trained on Tiny Shakespeare. Returns (and "
+        "streams) the prompt followed by the continuation."
+    )
     def generate(
         self,
         prompt: str,
@@ -110,27 +150,16 @@ class Generation:
         seed: int | None = policy.RANDOM_SEED,
         visitor: gr.Request = None,
     ) -> str:  # what each streamed update is: gr.api types the endpoint's outputs from this
-        """Write Shakespeare-style text: continue the prompt with a GPT-2 trained on Tiny Shakespeare. Returns
-        (and streams) the prompt followed by the continuation.
-
-        Args:
-            prompt: the text to continue, e.g. "ROMEO:" or a line of verse; not blank. Only the model's last
-                context of tokens is read.
-            max_new_tokens: how many tokens to write, from 1 to the model's context (default 200, or the
-                context if shorter); stops earlier at the end of a text.
-            temperature: randomness, from 0 to 2: 0 always takes the likeliest token, 0.8 is lively, above
-                1.2 wanders.
-            top_k: draw only from this many likeliest tokens, 0 to 200; 0 is off.
-            top_p: draw only from the likeliest tokens whose probability adds up to this, 0.05 to 1; 1 is off.
-            seed: -1 or None for a random seed, or 0 to 2**63-1: the same seed and settings give the same
-                text.
-        """
         try:
             for text, _ in self.stream((prompt, max_new_tokens, temperature, top_k, top_p, seed), visitor):
                 yield text
         except serve.RequestError as err:
             raise self.refused(err) from None
 
+    @described(
+        "Like generate, and also how sure the model was of each token it wrote. Returns (and streams) the prompt "
+        "followed by the continuation, and a list with one record per generated token: " + RECORD
+    )
     def generate_with_probabilities(
         self,
         prompt: str,
@@ -141,20 +170,6 @@ class Generation:
         seed: int | None = policy.RANDOM_SEED,
         visitor: gr.Request = None,
     ) -> tuple[str, list[dict]]:  # each streamed update: two outputs, the text and the records
-        """Like generate, and also how sure the model was of each token it wrote. Returns (and streams) the
-        prompt followed by the continuation, and a list with one record per generated token: {"token": its
-        text, "id": its id, "p": the model's probability of it (softmax of its logits at temperature 1, before
-        temperature, top-k and top-p), "top": the 5 most probable tokens under that distribution, each
-        {"token", "id", "p"}}.
-
-        Args:
-            prompt: the text to continue; not blank.
-            max_new_tokens: how many tokens to write, from 1 to the model's context.
-            temperature: randomness, from 0 (the likeliest token) to 2.
-            top_k: draw only from this many likeliest tokens, 0 to 200; 0 is off.
-            top_p: draw only from the likeliest tokens whose probability adds up to this, 0.05 to 1; 1 is off.
-            seed: -1 or None for a random seed, or 0 to 2**63-1.
-        """
         settings = (prompt, max_new_tokens, temperature, top_k, top_p, seed)
         view = probability_view.View(self.tokenizer)
         try:
@@ -162,6 +177,35 @@ class Generation:
                 yield text, list(view.update(stats.probabilities).records)  # a new list: Gradio diffs it with the last
         except serve.RequestError as err:
             raise self.refused(err) from None
+
+    # Gradio hands an agent an endpoint's value as str(value): a Python repr for text and records. This tool sends
+    # them as one JSON object instead, under the name agents see; the tuple endpoint above stays for the HTTP API.
+    @described(
+        "Like generate, and also how sure the model was of each token it wrote. Returns a JSON object: "
+        '{"text": the prompt followed by the continuation, "records": a list with one record per generated '
+        "token}. Each record: " + RECORD
+    )
+    def generate_with_probabilities_json(
+        self,
+        prompt: str,
+        max_new_tokens: int | None = None,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int = DEFAULTS.top_k,
+        top_p: float = DEFAULTS.top_p,
+        seed: int | None = policy.RANDOM_SEED,
+        visitor: gr.Request = None,
+    ) -> str:
+        for text, records in self.generate_with_probabilities(
+            prompt, max_new_tokens, temperature, top_k, top_p, seed, visitor
+        ):
+            yield json.dumps({"text": text, "records": records})
+
+    # the MCP tools take their names from the functions: this one is generate_with_probabilities, and the tuple
+    # endpoint, renamed out of its way, is no MCP tool (Gradio lists a function whose _mcp_type is not "tool",
+    # "resource" or "prompt" as none of them)
+    generate_with_probabilities_json.__name__ = "generate_with_probabilities"
+    generate_with_probabilities.__name__ = "generate_with_probabilities_http"
+    generate_with_probabilities._mcp_type = "http only"
 
     def on_page(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, view: bool, visitor: gr.Request):
         """The page's Generate: the text, the run's figures and (when the view is on) the coloured tokens. A
@@ -209,16 +253,19 @@ def model_panel(facts: serve.ModelFacts) -> None:
     with gr.Accordion("Model", open=True):
         gr.Markdown("".join(f"- **{k}**: {v}\n" for k, v in facts.rows()), elem_id="model-facts")
         if facts.loss_curve:
-            inline_image(Path(facts.loss_curve), label="Loss curve", buttons=["fullscreen", "download"])
+            curve = dict(label=facts.curve_label(), buttons=["fullscreen", "download"], elem_id="loss-curve")
+            inline_image(Path(facts.loss_curve), **curve)  # labelled with the steps it draws: a fine-tune's only
+            if facts.curve_note():
+                gr.Markdown(facts.curve_note(), elem_id="loss-curve-note")
 
 
 def build(
     scheduler: serve.Scheduler,
     facts: serve.ModelFacts,
+    tokenizer,
     update_seconds: float = serve.UPDATE_SECONDS,
     unread_seconds: float = guards.UNREAD_SECONDS,
 ) -> gr.Blocks:
-    tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
     generation = Generation(scheduler, tokenizer, lambda: demo, update_seconds, unread_seconds)
     # every way in shares one limit: each running call is one row of the scheduler's batch
     limits = dict(concurrency_id="generation", concurrency_limit=scheduler.max_batch)
@@ -229,7 +276,7 @@ def build(
                 prompt = gr.Textbox(value=policy.FIRST_PROMPT, label="Prompt", lines=3, elem_id="prompt")
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                    stop_button = gr.Button("Stop", elem_id="stop", **STOP_IDLE)
                     clear_button = gr.Button("Clear", elem_id="clear")
                 output = gr.Textbox(
                     label="Prompt + continuation", lines=14, interactive=False, buttons=["copy"], elem_id="output"
@@ -254,14 +301,20 @@ def build(
         run_stats = gr.State("")
         page = dict(fn=generation.on_page, inputs=[prompt, *settings, view], outputs=[output, run_stats, probabilities])
         page |= dict(api_visibility="private", preprocess=False, show_progress="minimal", **limits)
-        run = generate_button.click(**page)
-        example_run = examples.load_input_event.then(**page)
+        # a run starts with Stop live and the stats line saying so, and ends (done, stopped or refused: a refusal
+        # leaves the last run's text and so its figures) with Stop idle again
+        starting = dict(fn=lambda: (gr.update(**STOP_RUNNING), RUNNING), outputs=[stop_button, stats])
+        starting |= dict(api_visibility="private", queue=False, show_progress="hidden")
+        run = generate_button.click(**starting).then(**page)
+        example_run = examples.load_input_event.then(**starting).then(**page)
+        ended = dict(fn=lambda summary: (summary, gr.update(**STOP_IDLE)), inputs=run_stats)
         for event in (run, example_run, stop_button.click(None, cancels=[run, example_run])):
-            event.then(lambda summary: summary, run_stats, stats, api_visibility="private", queue=False)
+            event.then(**ended, outputs=[stats, stop_button], api_visibility="private", queue=False)
         view.change(lambda on: gr.update(visible=on), view, probabilities, api_visibility="private", queue=False)
         clear_button.click(None, js="() => ['', '', '', '']", outputs=[prompt, output, stats, probabilities])
         gr.api(generation.generate, api_name="generate", **limits)
         gr.api(generation.generate_with_probabilities, api_name="generate_with_probabilities", **limits)
+        gr.api(generation.generate_with_probabilities_json, api_name="generate_with_probabilities_json", **limits)
     return demo.queue(max_size=QUEUE_SIZE)
 
 
@@ -291,16 +344,23 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     compiled = serve.CompiledDecoding(model) if args.compile and model.device.type == "cpu" else None
     scheduler = serve.Scheduler(model, args.max_batch, compiled)
-    demo = build(scheduler, facts, args.update_seconds, args.unread_seconds)
+    tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones
+    demo = build(scheduler, facts, tokenizer, args.update_seconds, args.unread_seconds)
+    # the OpenAI-style routes: the same scheduler, and one queue size with Gradio's queue
+    completions = openai_api.CompletionsAPI(
+        scheduler, tokenizer, facts.name, lambda: len(guards.live_jobs(demo)), QUEUE_SIZE
+    )
     # outermost first: every answer says nosniff, a malformed call is refused before it counts for its client
     middleware = [
         Middleware(guards.NoSniff),
         Middleware(guards.WellFormedCalls, blocks=demo),
-        Middleware(guards.PerClientLimit, blocks=demo, limit=args.max_per_client),
-    ]
+        Middleware(guards.PerClientLimit, blocks=demo, limit=args.max_per_client, whole_calls=(openai_api.COMPLETIONS,),
+                   refusal=lambda message: openai_api.error_body(message, "rate_limit_exceeded")),
+    ]  # fmt: skip
     # monitoring off: Gradio's /monitoring would print its dashboard's secret URL to the log for any visitor
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                app_kwargs={"middleware": middleware}, enable_monitoring=False, prevent_thread_lock=True,
+                app_kwargs={"middleware": middleware, "routes": completions.routes()}, enable_monitoring=False,
+                prevent_thread_lock=True,
                 mcp_server=args.mcp, css=probability_view.CSS)  # fmt: skip
     try:
         scheduler.run()  # decoding on the thread that loaded the model: torch runs slower from another

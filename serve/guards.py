@@ -63,10 +63,13 @@ class PerClientLimit:
     A request counts from the moment it arrives: the check and the count happen together on the event loop
     (no await between them), so parallel posts cannot all pass a check made before any of them reached the
     queue. It stays counted while Gradio admits it; once admitted, its job counts (by the event id in the
-    answer) until the job leaves the queue's waiting list and running slots."""
+    answer) until the job leaves the queue's waiting list and running slots. A POST to one of `whole_calls`
+    (routes that run their generation within the request, like the OpenAI-style API) counts until its answer's
+    last byte; its refusal's body is `refusal(message)` (the route's own error shape)."""
 
-    def __init__(self, app, blocks, limit: int) -> None:
+    def __init__(self, app, blocks, limit: int, whole_calls: tuple[str, ...] = (), refusal=None) -> None:
         self.app, self.blocks, self.limit = app, blocks, limit
+        self.whole_calls, self.refusal = whole_calls, refusal
         self.arriving: Counter[str] = Counter()  # requests of each client not yet answered
         self.admitted: dict[str, set[str]] = {}  # event ids of each client's jobs, pruned as they end
 
@@ -81,13 +84,16 @@ class PerClientLimit:
         return self.arriving[client] + len(self.admitted.get(client, ()))
 
     async def __call__(self, scope, receive, send) -> None:
-        if not (scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(JOIN_ROUTES)):
+        path = scope.get("path", "")
+        whole = bool(self.whole_calls) and path.startswith(self.whole_calls)
+        if not (scope["type"] == "http" and scope["method"] == "POST" and (whole or path.startswith(JOIN_ROUTES))):
             await self.app(scope, receive, send)
             return
         client = client_of(_headers(scope), (scope.get("client") or (None,))[0])
         if self.held(client) >= self.limit:
-            await answer(send, 429, f"you already have {self.limit} generations waiting or running; wait for one "
-                                    "to finish (or stop one) before starting another")  # fmt: skip
+            message = (f"you already have {self.limit} generations waiting or running; wait for one to finish (or "
+                       "stop one) before starting another")  # fmt: skip
+            await answer(send, 429, message, self.refusal(message) if whole and self.refusal else None)
             return
         self.arriving[client] += 1
         status, body = 0, []
@@ -96,7 +102,7 @@ class PerClientLimit:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and status == 200:
+            elif message["type"] == "http.response.body" and status == 200 and not whole:
                 body.append(message.get("body", b""))
             await send(message)
 
@@ -362,9 +368,9 @@ class NoSniff:
         await self.app(scope, receive, with_header)
 
 
-async def answer(send, status: int, message: str) -> None:
-    """A JSON error answer, {"detail": message}, as Gradio's own refusals are shaped."""
-    body = json.dumps({"detail": message}).encode()
+async def answer(send, status: int, message: str, body: bytes | None = None) -> None:
+    """A JSON error answer: body, else {"detail": message}, as Gradio's own refusals are shaped."""
+    body = body or json.dumps({"detail": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -4,6 +4,7 @@ what the model card records of their training."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,16 @@ class ModelFacts:
             loss_curve=curve if curve.is_file() else None,
         )
 
+    @property
+    def name(self) -> str:
+        """What a client calls the model (an OpenAI-style API's model id), without the server's paths: the Hub
+        repo id, the folder's or file's name, or shakespeare-gpt for the shipped model."""
+        if self.description == "the model shipped with the app":
+            return "shakespeare-gpt"
+        if self.description.startswith("Hub repo "):
+            return self.source.partition("@")[0]
+        return self.location.stem if self.location.is_file() else self.location.name
+
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs to show; losses say when the model card does not record them."""
 
@@ -89,4 +100,29 @@ class ModelFacts:
             if key in self.metrics:
                 value = self.metrics[key]
                 rows.append((key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value)))
+        if self.metrics.get("init"):  # the run a fine-tune started from: its figures are not in the curve
+            rows.append(("started from", str(self.metrics["init"])))
         return rows
+
+    def fine_tune(self) -> tuple[int, int] | None:
+        """(steps before it, steps in all) of a fine-tune whose card's `steps` count both runs, its `init`
+        recording the steps of the run it started from ("1,000 steps of ..."); else None."""
+        found = re.search(r"\b(\d[\d,]*) steps\b", str(self.metrics.get("init") or ""))
+        base, steps = int(found[1].replace(",", "")) if found else None, self.metrics.get("steps")
+        return (base, steps) if base is not None and isinstance(steps, int) and steps > base else None
+
+    def curve_label(self) -> str:
+        """What the loss curve covers, short enough for a phone. A run draws only its own steps: after an
+        `init`, the last fine-tune's, not those of the run it started from."""
+        if not self.metrics.get("init"):
+            return "Loss curve"
+        if (span := self.fine_tune()) is None:
+            return "Loss curve: the last fine-tune only"
+        return f"Loss curve: fine-tune steps {span[0] + 1:,}-{span[1]:,}"
+
+    def curve_note(self) -> str:
+        """What the curve's axis counts where it is not the card's steps ("" where it is)."""
+        if (span := self.fine_tune()) is None:
+            return ""
+        base, steps = span
+        return f"Its axis counts the fine-tune's own steps, 1-{steps - base:,}; the {base:,} before it are not drawn."

@@ -1,6 +1,7 @@
 """The real app.py in a subprocess, called through gradio_client and raw HTTP, as API users call it."""
 
 import asyncio
+import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -70,13 +71,15 @@ def test_the_http_api_streams_what_gradio_client_returns(url, client, reference)
         timed_generate(url, ["   ", 30, 0, 0, 1.0, -1])
 
 
-def test_two_public_endpoints_with_named_parameters(client):
+def test_three_public_endpoints_with_named_parameters(client):
     """/generate returns the text; /generate_with_probabilities takes the same parameters and returns the text
-    and the records. Only the prompt is required (an agent may leave the rest to their defaults)."""
+    and the records; /generate_with_probabilities_json (the MCP tool) both as one JSON text. Only the prompt is
+    required (an agent may leave the rest to their defaults)."""
     api = client.view_api(return_format="dict", print_info=False)
-    assert list(api["named_endpoints"]) == ["/generate", "/generate_with_probabilities"]
+    names = ["/generate", "/generate_with_probabilities", "/generate_with_probabilities_json"]
+    assert list(api["named_endpoints"]) == names
     assert api["unnamed_endpoints"] == {}
-    for name, returns in (("/generate", 1), ("/generate_with_probabilities", 2)):
+    for name, returns in zip(names, (1, 2, 1), strict=True):
         parameters = api["named_endpoints"][name]["parameters"]
         assert [p["parameter_name"] for p in parameters] == PARAMETERS
         assert [p["parameter_has_default"] for p in parameters] == [False] + [True] * 5
@@ -413,25 +416,143 @@ def test_probabilities_endpoint_refuses_what_generate_refuses(client):
         client.predict("  ", 20, 0, 0, 1.0, -1, api_name="/generate_with_probabilities")
 
 
-def test_an_mcp_client_lists_the_tool_and_gets_the_text(url, reference):
-    """Over the app's streamable HTTP MCP endpoint: the generation tool is listed, described with each
-    parameter's meaning and range, and a call returns the generated text."""
+def test_an_mcp_client_gets_whole_descriptions_text_json_and_refusals(url, reference):
+    """Over the app's streamable HTTP MCP endpoint: the two tools are listed, each parameter with its whole
+    description; generate returns the text, generate_with_probabilities JSON (the text and the records), and a
+    refused call an error that says why."""
     from mcp import ClientSession
     from mcp.client.streamable_http import streamable_http_client
+
+    import app as app_module
+
+    greedy_call = {"prompt": "ROMEO:", "max_new_tokens": 20, "temperature": 0, "top_k": 0}
 
     async def session_calls():
         async with streamable_http_client(f"{url}/gradio_api/mcp/") as (read, write, _):
             async with ClientSession(read, write) as session:
                 await session.initialize()
-                tools = (await session.list_tools()).tools
-                tool = next(t for t in tools if t.name.endswith("generate"))
-                arguments = {"prompt": "ROMEO:", "max_new_tokens": 20, "temperature": 0, "top_k": 0}
-                return tools, tool, await session.call_tool(tool.name, arguments)
+                tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+                calls = [
+                    await session.call_tool("generate", greedy_call),
+                    await session.call_tool("generate_with_probabilities", greedy_call),
+                    await session.call_tool("generate_with_probabilities", {"prompt": "  "}),
+                ]
+                return tools, calls
 
-    tools, tool, result = asyncio.run(session_calls())
-    assert "Shakespeare" in tool.description
-    properties = tool.inputSchema["properties"]
-    assert set(PARAMETERS) <= set(properties) and tool.inputSchema.get("required") == ["prompt"]
-    assert "0 to 2" in properties["temperature"]["description"] and "0 is off" in properties["top_k"]["description"]
-    assert not result.isError
-    assert result.content[0].text == expected(reference, "ROMEO:", 20, temperature=0)
+    tools, (text, with_probabilities, refused) = asyncio.run(session_calls())
+    assert set(tools) == {"generate", "generate_with_probabilities"}
+    for tool in tools.values():
+        assert "Shakespeare" in tool.description or "Like generate" in tool.description
+        properties = tool.inputSchema["properties"]
+        assert set(PARAMETERS) <= set(properties) and tool.inputSchema.get("required") == ["prompt"]
+        for name in PARAMETERS:  # whole: the full sentence, the end of a wrapped description included
+            assert properties[name]["description"] == app_module.PARAMETERS[name]
+    assert "1.2 wanders" in tools["generate"].inputSchema["properties"]["temperature"]["description"]
+    assert not text.isError and text.content[0].text == expected(reference, "ROMEO:", 20, temperature=0)
+    answer = json.loads(with_probabilities.content[0].text)  # JSON an agent can parse, not a Python repr
+    assert answer["text"] == text.content[0].text
+    check_records(answer["records"], reference, "ROMEO:", answer["text"], 1e-5)
+    assert refused.isError and "prompt is empty" in refused.content[0].text
+
+
+# -- the OpenAI-style completions API (/v1), through the official openai package
+
+
+@pytest.fixture(scope="module")
+def openai_client(url):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)  # any key: the client needs one
+
+
+def test_an_openai_completion_is_the_continuation_generate_writes(openai_client, client, reference):
+    answer = openai_client.completions.create(model="any", prompt="ROMEO:", max_tokens=12, temperature=0)
+    (choice,) = answer.choices
+    assert "ROMEO:" + choice.text == expected(reference, "ROMEO:", 12, temperature=0) == greedy(client)
+    assert choice.finish_reason == "length" and answer.object == "text_completion"
+    prompt_tokens = len(load_tokenizer().encode("ROMEO:"))
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, 12)
+    assert answer.usage.total_tokens == prompt_tokens + 12
+    default = openai_client.completions.create(model="any", prompt="ROMEO:", temperature=0)
+    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
+
+
+def test_a_seeded_openai_call_gives_generates_text_plain_and_streamed(openai_client, client):
+    settings = dict(max_tokens=30, temperature=0.9, top_p=0.95, seed=7, extra_body={"top_k": 40})
+    plain = openai_client.completions.create(model="any", prompt="JULIET:", **settings).choices[0].text
+    assert "JULIET:" + plain == client.predict("JULIET:", 30, 0.9, 40, 0.95, 7, api_name="/generate")
+    chunks = list(openai_client.completions.create(model="any", prompt="JULIET:", stream=True, **settings))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == plain
+    assert [chunk.choices[0].finish_reason for chunk in chunks][-1] == "length"
+    assert all(chunk.choices[0].finish_reason is None for chunk in chunks[:-1]) and len(chunks) > 2
+
+
+def test_a_stream_ends_with_done_and_its_usage_when_asked(url):
+    body = {"model": "any", "prompt": "ROMEO:", "max_tokens": 5, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+
+
+def test_a_stop_sequence_ends_the_text_before_it_plain_and_streamed(openai_client, reference):
+    full = expected(reference, "ROMEO:", 30, temperature=0).removeprefix("ROMEO:")
+    stop = full[9:12]  # three characters inside the greedy continuation
+    cut = full[: full.index(stop)]
+    for stream in (False, True):
+        answer = openai_client.completions.create(
+            model="any", prompt="ROMEO:", max_tokens=30, temperature=0, stop=["zzzz", stop], stream=stream
+        )
+        chunks = list(answer) if stream else [answer]
+        assert "".join(chunk.choices[0].text for chunk in chunks) == cut
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs_are_the_models_own_with_the_top_alternatives(openai_client, reference):
+    answer = openai_client.completions.create(model="any", prompt="ROMEO:", max_tokens=8, temperature=0, logprobs=3)
+    choice = answer.choices[0]
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text and len(logprobs.tokens) == 8
+    assert logprobs.text_offset[0] == len("ROMEO:") and all(len(top) == 3 for top in logprobs.top_logprobs)
+    ids = load_tokenizer().encode("ROMEO:" + choice.text)
+    with torch.no_grad():
+        expected_logprobs = reference(torch.tensor([ids]))[0][0].log_softmax(-1)
+    first = expected_logprobs[len(load_tokenizer().encode("ROMEO:")) - 1]
+    assert abs(logprobs.token_logprobs[0] - float(first.max())) < 1e-4  # greedy: the likeliest token
+    assert max(logprobs.top_logprobs[0].values()) == pytest.approx(logprobs.token_logprobs[0], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change, param, message",
+    [
+        (dict(temperature=5), "temperature", "temperature must be"),
+        (dict(prompt="   "), "prompt", "prompt is empty"),
+        (dict(max_tokens=0), "max_tokens", "max_tokens must be"),
+        (dict(extra_body={"top_k": 1000}), "top_k", "top_k must be"),
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop", "up to 4"),
+        (dict(n=2), "n", "not served"),
+    ],
+)
+def test_a_bad_openai_request_gets_a_400_in_openais_shape(openai_client, change, param, message):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client.completions.create(**({"model": "any", "prompt": "ROMEO:"} | change))
+    assert refused.value.status_code == 400
+    error = refused.value.body
+    assert message in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_a_body_that_is_not_json_gets_a_400_in_openais_shape(url):
+    answer = httpx.post(f"{url}/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]["message"]
+
+
+def test_the_models_route_names_the_model_and_no_server_path(url, tiny_folder):
+    answer = httpx.get(f"{url}/v1/models")
+    assert answer.status_code == 200
+    (model,) = answer.json()["data"]
+    assert model["id"] == tiny_folder.name and model["object"] == "model"
+    assert str(tiny_folder.parent) not in answer.text

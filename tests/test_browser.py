@@ -3,14 +3,17 @@
 Run as a script, it takes the screenshots in assets/: python tests/test_browser.py [--model assets]."""
 
 import argparse
+import contextlib
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from app_server import ROOT, running_app
 
-from model import GPT, generate, load_tokenizer, stream_text
+from model import GPT, generate, load_tokenizer, render_model_card, stream_text
+from model.card import CARD_NAME
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"]
@@ -26,10 +29,42 @@ def launch(playwright):
 
 
 @pytest.fixture(scope="module")
-def page(tiny_folder):
+def served(tiny_folder, tmp_path_factory):
+    """tiny_folder's model with the card of a fine-tune, like the shipped model's: its `steps` count both runs,
+    its `init` records the run it started from, its loss curve draws the fine-tune's steps alone."""
+    folder = tmp_path_factory.mktemp("fine-tuned")
+    shutil.copytree(tiny_folder, folder, dirs_exist_ok=True)
+    init = "a base run (1,000 steps of --preset tiny, held-out 4.9876)"
+    metrics = {"train_loss": 1.2345, "val_loss": 4.5678, "steps": 1060, "init": init}
+    (folder / CARD_NAME).write_text(render_model_card(GPT.from_pretrained(folder).config, metrics))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hold(tmp_path_factory):
+    """The app's environment and the file that holds its decoding while it exists (test_public's held_decoding):
+    a run started then has shown its first token and streams on when the file goes, however fast the machine."""
+    from test_public import held_decoding
+
+    return held_decoding(tmp_path_factory.mktemp("held"))
+
+
+@contextlib.contextmanager
+def held(hold):
+    _, path = hold
+    path.touch()
+    try:
+        yield
+    finally:
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def page(served, hold):
     from playwright.sync_api import sync_playwright
 
-    with running_app("--model", str(tiny_folder), "--dtype", "float32", "--quantize", "none") as app:
+    env, _ = hold
+    with running_app("--model", str(served), "--dtype", "float32", "--quantize", "none", env=env) as app:
         url = app.url
         with sync_playwright() as playwright:
             browser = launch(playwright)
@@ -88,15 +123,21 @@ def test_a_refused_request_says_why_and_keeps_the_last_continuation(page):
     expect(page.get_by_text("prompt is empty")).to_be_visible()
     expect(page.locator("#output textarea")).to_have_value(shown)
     expect(page.locator("#output").get_by_text("Error")).to_have_count(0)
+    expect(page.locator("#stop")).to_be_disabled()  # nothing runs
+    expect(page.locator("#stats")).to_contain_text("10 tokens in")  # the figures of the text still shown
 
 
-def test_an_example_fills_the_prompt_and_runs_and_clear_empties_the_page(page):
+def test_an_example_fills_the_prompt_and_runs_and_clear_empties_the_page(page, hold):
     from playwright.sync_api import expect
 
     page.locator("#clear").click()
-    page.get_by_role("button", name="To be or not").click()
+    with held(hold):
+        page.get_by_role("button", name="To be or not").click()
+        expect(page.locator("#output textarea")).to_have_value(re.compile(r"^To be or not.+", re.DOTALL))
+        expect(page.locator("#stop")).to_be_enabled()  # the example's run streams: Stop is live
     expect(page.locator("#prompt textarea")).to_have_value("To be or not")
     expect(page.locator("#stats")).to_contain_text("tokens/s")  # the run's figures: it has ended
+    expect(page.locator("#stop")).to_be_disabled()
     expect(page.locator("#output textarea")).to_have_value(re.compile(r"^To be or not.+", re.DOTALL))
     page.locator("#clear").click()
     expect(page.locator("#prompt textarea")).to_have_value("")
@@ -123,6 +164,65 @@ def test_the_probability_view_colours_each_token_and_shows_alternatives(page):
     expect(tokens.nth(0).locator(".alternatives li")).to_have_count(5)
     page.get_by_label("Show probabilities").uncheck()
     expect(page.locator("#probabilities")).to_be_hidden()
+
+
+def set_new_tokens(page, count: int) -> None:
+    box = page.get_by_label("number input for Max new tokens")
+    box.fill(str(count))
+    box.press("Enter")
+
+
+def test_stop_is_live_only_while_a_run_streams_and_the_stats_wait_for_its_own_figures(page, hold):
+    """Idle, Stop is disabled; a run turns it on and empties the stats line of the last run's figures
+    until its own arrive; when the run ends Stop is off again. Decoding is held after the new run's first token,
+    so it is seen streaming on any machine."""
+    from playwright.sync_api import expect
+
+    stop, stats, output = page.locator("#stop"), page.locator("#stats"), page.locator("#output textarea")
+    page.reload()
+    expect(stop).to_be_disabled()
+    page.locator("#prompt textarea").fill("ROMEO:")
+    set_new_tokens(page, 10)
+    page.locator("#generate").click()
+    expect(stats).to_contain_text("10 tokens in")
+    expect(stop).to_be_disabled()
+    page.locator("#prompt textarea").fill("JULIET:")
+    set_new_tokens(page, 14)
+    with held(hold):
+        page.locator("#generate").click()
+        expect(output).to_have_value(re.compile(r"^JULIET:.+", re.DOTALL))  # its first token: it streams
+        expect(stop).to_be_enabled()
+        expect(stats).not_to_contain_text("tokens")  # not the last run's "10 tokens in ..."
+        expect(stats).to_contain_text("Generating")
+    expect(stats).to_contain_text("14 tokens in")
+    expect(stop).to_be_disabled()
+
+
+def test_stop_ends_a_streaming_run_and_goes_idle(page, hold):
+    from playwright.sync_api import expect
+
+    stop, output = page.locator("#stop"), page.locator("#output textarea")
+    page.locator("#prompt textarea").fill("JULIET:")
+    set_new_tokens(page, 30)
+    with held(hold):
+        page.locator("#generate").click()
+        expect(output).to_have_value(re.compile(r"^JULIET:.+", re.DOTALL))
+        stop.click()
+        expect(stop).to_be_disabled()
+        stopped = output.input_value()
+    page.wait_for_timeout(1000)  # decoding runs again: a stopped run writes no more
+    expect(output).to_have_value(stopped)
+    expect(page.locator("#stats")).not_to_contain_text("Generating")
+
+
+def test_the_model_panel_says_what_its_loss_curve_covers(page):
+    """The card counts 1,060 steps over two runs; the curve is the fine-tune's 60 alone, and says so, with the
+    run it started from among the facts."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#loss-curve")).to_contain_text("Loss curve: fine-tune steps 1,001-1,060")
+    expect(page.locator("#loss-curve-note")).to_contain_text("the fine-tune's own steps, 1-60; the 1,000 before")
+    expect(page.locator("#model-facts")).to_contain_text("started from: a base run (1,000 steps of --preset tiny")
 
 
 SCREENS = {"desktop": dict(width=1280, height=900), "phone": dict(width=390, height=844)}

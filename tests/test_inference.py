@@ -9,7 +9,7 @@ import torch
 from test_checkpoint import logits_of
 
 from model import generate
-from model.device import OVERRIDE, cgroup_cpus, probed
+from model.device import OVERRIDE, capabilities, cgroup_cpus
 from serve import load_for_inference, precision_of
 from serve.inference import Int8Linear, PackedBF16Linear, cpu_threads, pick_precision
 
@@ -54,7 +54,9 @@ def test_low_precision_keeps_the_predictions(saved, options, matches_recomputati
     assert len(list(generate(model, PROMPT, 20, temperature=0.8, top_k=50, seed=1))) == 20
 
 
-@pytest.mark.skipif(not probed().onednn_bf16, reason="oneDNN's bf16 Linear needs AVX-512 (BW, VL, DQ), not on this CPU")
+@pytest.mark.skipif(
+    not capabilities().onednn_bf16, reason="oneDNN's bf16 Linear needs AVX-512 (BW, VL, DQ), not on this CPU"
+)
 def test_bf16_on_the_cpu_runs_through_onednn_packed_layers(saved):
     model = load_for_inference(saved, device="cpu", dtype="bfloat16")
     assert precision_of(model) == "bfloat16" and isinstance(model.lm_head, PackedBF16Linear)

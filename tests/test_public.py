@@ -3,6 +3,7 @@ client, malformed calls on every route that takes one, the monitoring page, snif
 in what the page is sent (serve/guards.py and app.py's launch)."""
 
 import asyncio
+import contextlib
 import json
 import re
 import tempfile
@@ -154,6 +155,40 @@ def test_a_burst_from_one_client_gets_its_limit_and_another_client_is_served_at_
     again = httpx.post(f"{app.url}/gradio_api/call/generate", json={"data": ["ROMEO:", 4, 0, 0, 1.0, 1]},
                        headers={"X-Forwarded-For": flooder}, timeout=60)  # fmt: skip
     assert again.status_code == 200, again.text
+
+
+def test_openai_style_calls_count_toward_the_clients_limit_and_are_refused_in_openais_shape(burst_app):
+    """4 jobs queued through /call/ and 4 streaming /v1/completions calls (decoding held, so none ends): the
+    client's 8; its next call is refused on either route, /v1's in OpenAI's shape (the openai package raises
+    RateLimitError), while another client is still served."""
+    openai = pytest.importorskip("openai")
+    app, hold = burst_app
+    headers = {"X-Forwarded-For": "10.77.0.1"}
+    body = {"model": "any", "prompt": "ROMEO:", "max_tokens": 200, "stream": True}
+    hold.touch()
+    try:
+        with httpx.Client(headers=headers, timeout=60) as http, contextlib.ExitStack() as streams:
+            for index in range(4):
+                queued = http.post(f"{app.url}/gradio_api/call/generate", json={"data": ["ROMEO:", 200, 0.8, 50, 1.0,
+                                                                                          index]})  # fmt: skip
+                assert queued.status_code == 200, queued.text
+            for _ in range(4):
+                stream = streams.enter_context(http.stream("POST", f"{app.url}/v1/completions", json=body))
+                assert stream.status_code == 200
+            refused = http.post(f"{app.url}/v1/completions", json=body | {"stream": False})
+            queued = http.post(f"{app.url}/gradio_api/call/generate", json={"data": ["ROMEO:", 4, 0, 0, 1.0, 1]})
+            client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0, default_headers=headers)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model="any", prompt="ROMEO:", max_tokens=4)
+            hold.unlink()  # decoding goes on: another client's call is answered beside the client's 8
+            other = httpx.post(f"{app.url}/v1/completions", json=body | {"stream": False, "max_tokens": 2},
+                               headers={"X-Forwarded-For": "10.77.0.2"}, timeout=60)  # fmt: skip
+            assert other.status_code == 200, other.text
+    finally:
+        hold.unlink(missing_ok=True)
+    assert refused.status_code == 429 and queued.status_code == 429
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_exceeded" and f"you already have {LIMIT} generations" in error["message"]
 
 
 def test_a_two_step_call_read_seconds_after_its_post_gets_its_whole_text(tmp_path):

@@ -336,3 +336,31 @@ def test_two_gloo_processes_step_like_one_on_the_whole_batch(tmp_path, small_tex
     assert run.returncode == 0, run.stderr[-3000:]
     ddp = torch.load(result)
     assert_same_step((ddp["loss"], ddp["grad_norm"], ddp["params"], None), single, gradients(config, single[3]))
+
+
+def test_the_progress_bar_says_compiling_during_the_first_step_and_times_from_the_second(
+    small_text, tmp_path, monkeypatch, capsys
+):
+    """A compiled run's first step compiles the model: the bar says "compiling" until it ends, then "train",
+    with its rate counted from there (so no ETA of hours from the compile's minute)."""
+    import train.trainer as trainer_module
+
+    bars = []
+    original_reset = trainer_module.tqdm.reset
+
+    def reset(self, total=None):
+        bars.append(self.n)  # what the bar counted when its clock restarted
+        return original_reset(self, total)
+
+    monkeypatch.setattr(trainer_module.tqdm, "reset", reset)
+    monkeypatch.setattr(trainer_module.torch, "compile", lambda model: model)  # the bar's logic, not the compiler
+    machine = Machine(torch.device("cpu"), None, True)
+    for out in ("out", "plain"):
+        (tmp_path / out).mkdir()
+    Trainer(tiny_train_config(small_text, tmp_path / "out", max_steps=3), machine).train()
+    assert bars == [1]  # once, after the first step
+    shown = capsys.readouterr().err
+    assert "compiling:  33%" in shown and shown.index("compiling:") < shown.index("train:") and "train: 100%" in shown
+    bars.clear()
+    Trainer(tiny_train_config(small_text, tmp_path / "plain", max_steps=3), CPU_MACHINE).train()
+    assert bars == []

@@ -123,6 +123,34 @@ def test_model_facts_read_the_card_and_the_curve(tiny, tmp_path):
     assert facts.loss_curve is None and "not recorded" in dict(facts.rows())["train loss"]
 
 
+FINE_TUNE_NOTE = "Its axis counts the fine-tune's own steps, 1-60; the 1,000 before it are not drawn."
+
+
+@pytest.mark.parametrize(
+    "metrics, label, note",
+    [
+        ({"steps": 60}, "Loss curve", ""),  # one run: the curve draws all its steps
+        ({}, "Loss curve", ""),
+        ({"steps": 1060, "init": "a base (1,000 steps)"}, "Loss curve: fine-tune steps 1,001-1,060", FINE_TUNE_NOTE),
+        ({"steps": 60, "init": "a Hub model"}, "Loss curve: the last fine-tune only", ""),  # its base's steps unknown
+    ],
+)
+def test_the_curve_label_says_which_steps_it_draws(tiny, tmp_path, metrics, label, note):
+    """A fine-tune's card (its `init` records the run it started from) may count both runs' steps, but its curve
+    draws the fine-tune's alone: the label says which, and the facts give the base run's own figures."""
+    tiny.save_pretrained(tmp_path, model_card=render_model_card(tiny.config, metrics))
+    facts = ModelFacts.of(tiny, tmp_path)
+    assert (facts.curve_label(), facts.curve_note()) == (label, note)
+    assert dict(facts.rows()).get("started from") == metrics.get("init")
+
+
+def test_the_shipped_curve_is_labelled_as_the_last_fine_tune(tiny, root):
+    """The shipped card counts 1,060 steps over two runs; its curve draws the 60-step fine-tune's."""
+    facts = ModelFacts.of(tiny, root / "assets")  # the facts of the card and curve; the weights are tiny's
+    assert (facts.curve_label(), facts.curve_note()) == ("Loss curve: fine-tune steps 1,001-1,060", FINE_TUNE_NOTE)
+    assert "1,000 steps of --preset cpu" in dict(facts.rows())["started from"]
+
+
 def test_the_weights_are_described_without_server_paths(tiny, tmp_path, monkeypatch):
     """The panel says where the weights came from in a visitor's terms: the shipped model, a Hub repo
     id@revision, or a local folder's or file's name; never an absolute path of the server."""

@@ -280,7 +280,11 @@ class Trainer:
         c, p, machine = self.config, self.progress, self.machine
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         flops_per_token = self.announce()
-        bar = tqdm(total=c.max_steps, initial=p.step, disable=not machine.is_main, dynamic_ncols=True, desc="train")
+        # a compiled model's first step compiles it (about a minute on a 2-core CPU): the bar says so, and its
+        # rate and ETA start after it instead of counting it as a step
+        compiling = machine.compile
+        bar = tqdm(total=c.max_steps, initial=p.step, disable=not machine.is_main, dynamic_ncols=True,
+                   desc="compiling" if compiling else "train")  # fmt: skip
         reached, reason = False, "max steps"
         t_log, t_start = time.perf_counter(), time.perf_counter() - p.elapsed
         try:
@@ -290,6 +294,13 @@ class Trainer:
                 step_loss, grad_norm = self.optimizer_step(inputs, targets)
                 p.step += 1
                 bar.update(1)
+                if compiling:
+                    compiling = False
+                    bar.set_description("train", refresh=False)
+                    bar.initial = 0
+                    bar.reset(total=c.max_steps)  # the clock restarts here ...
+                    bar.initial = p.step  # ... and the rate counts the steps after this one
+                    bar.update(p.step)
                 # with fp16 an inf gradient is a skipped step, not a failure
                 p.count(step_loss, grad_norm, check_grad=not self.scaler.is_enabled())
                 p.elapsed = time.perf_counter() - t_start
