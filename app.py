@@ -18,11 +18,13 @@ from starlette.middleware import Middleware
 
 import serve
 from model import CheckpointError, load_tokenizer
+from model.card import EXAMPLE_PROMPTS
 from model.device import DTYPES
-from serve import guards, policy, probability_view
+from model.sampling import RANDOM_SEED, SETTINGS, SamplingParams
+from serve import policy, probability_view
 from serve.flags import at_least_one, seconds
 from serve.inference import QUANTIZE
-from webapp import openai_api
+from webapp import guards, openai_api, probability_html
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 log = logging.getLogger("app")
@@ -30,7 +32,7 @@ QUEUE_SIZE = 32
 # /generate_with_probabilities updates at most this often: each update re-sends every record so far, and
 # Gradio walks them whole, which at the text's 50 ms takes CPU from decoding (bench/probability_view.py)
 RECORDS_UPDATE_SECONDS = 0.2
-DEFAULTS = policy.default_params(seed=0)  # the settings a visitor or an API caller starts from
+START = {name: setting.start for name, setting in SETTINGS.items()}  # what a visitor or an API caller starts from
 # the page's Stop is live only while a run is on: idle, there is nothing for it to stop
 STOP_IDLE, STOP_RUNNING = dict(variant="secondary", interactive=False), dict(variant="stop", interactive=True)
 RUNNING = "*Generating…*"  # the stats line while a run is on: the last run's figures are not this one's
@@ -85,6 +87,8 @@ PARAMETERS = {
     "top_k": "draw only from this many likeliest tokens, 0 to 200; 0 is off.",
     "top_p": "draw only from the likeliest tokens whose probability adds up to this, 0.05 to 1; 1 is off.",
     "seed": "-1 or None for a random seed, or 0 to 2**63-1: the same seed and settings give the same text.",
+    "repetition_penalty": "1 to 2: above 1, a token already in the text the model sees (the prompt and what it "
+    "wrote) is made less likely, as transformers' repetition_penalty does; 1 is off.",
 }
 RECORD = (
     '{"token": its text, "id": its id, "p": the model\'s probability of it (softmax of its logits at temperature 1, '
@@ -113,13 +117,13 @@ class Generation:
         self.scheduler, self.tokenizer, self.blocks = scheduler, tokenizer, blocks
         self.update_seconds, self.unread_seconds = update_seconds, unread_seconds
 
-    def stream(self, settings: tuple, visitor: gr.Request | None, probabilities: bool = False, every: float = 0.0):
-        """(text, stats) updates of the completion of settings (the six values of /generate, as sent: they
-        are checked here), at most one per max(update_seconds, every) seconds; a request the caller has to
-        change raises serve.RequestError."""
-        if settings[1] is None:  # max_new_tokens left to the app: its default, within the model's context
-            settings = (settings[0], policy.new_tokens(self.scheduler.model.config.block_size), *settings[2:])
-        request = serve.check_request(self.scheduler.model, *settings, self.tokenizer)
+    def stream(self, visitor: gr.Request | None, prompt, max_new_tokens, params: SamplingParams,
+               probabilities: bool = False, every: float = 0.0):  # fmt: skip
+        """(text, stats) updates of the completion of prompt (checked here) with params, at most one per
+        max(update_seconds, every) seconds; a request the caller has to change raises serve.RequestError."""
+        if max_new_tokens is None:  # left to the app: its default, within the model's context
+            max_new_tokens = policy.new_tokens(self.scheduler.model.config.block_size)
+        request = serve.check_request(self.scheduler.model, prompt, max_new_tokens, params, self.tokenizer)
         if request.cropped:
             gr.Warning(serve.crop_note(request))
         session = visitor.session_hash if visitor is not None else None
@@ -132,7 +136,7 @@ class Generation:
                 return
             yield text, stats
 
-    def refused(self, err: serve.RequestError) -> gr.Error:
+    def refused(self, err: ValueError) -> gr.Error:
         log.info("refused a request: %s", err)  # the caller's mistake: one log line, not a traceback
         return gr.Error(str(err), print_exception=False)
 
@@ -144,16 +148,18 @@ class Generation:
         self,
         prompt: str,
         max_new_tokens: int | None = None,
-        temperature: float = DEFAULTS.temperature,
-        top_k: int = DEFAULTS.top_k,
-        top_p: float = DEFAULTS.top_p,
-        seed: int | None = policy.RANDOM_SEED,
+        temperature: float = START["temperature"],
+        top_k: int = START["top_k"],
+        top_p: float = START["top_p"],
+        seed: int | None = RANDOM_SEED,
+        repetition_penalty: float = START["repetition_penalty"],  # new settings come last: callers are positional
         visitor: gr.Request = None,
     ) -> str:  # what each streamed update is: gr.api types the endpoint's outputs from this
         try:
-            for text, _ in self.stream((prompt, max_new_tokens, temperature, top_k, top_p, seed), visitor):
+            params = SamplingParams(temperature, top_k, top_p, seed, repetition_penalty, served=True)
+            for text, _ in self.stream(visitor, prompt, max_new_tokens, params):
                 yield text
-        except serve.RequestError as err:
+        except serve.REFUSED as err:
             raise self.refused(err) from None
 
     @described(
@@ -164,18 +170,20 @@ class Generation:
         self,
         prompt: str,
         max_new_tokens: int | None = None,
-        temperature: float = DEFAULTS.temperature,
-        top_k: int = DEFAULTS.top_k,
-        top_p: float = DEFAULTS.top_p,
-        seed: int | None = policy.RANDOM_SEED,
+        temperature: float = START["temperature"],
+        top_k: int = START["top_k"],
+        top_p: float = START["top_p"],
+        seed: int | None = RANDOM_SEED,
+        repetition_penalty: float = START["repetition_penalty"],  # new settings come last: callers are positional
         visitor: gr.Request = None,
     ) -> tuple[str, list[dict]]:  # each streamed update: two outputs, the text and the records
-        settings = (prompt, max_new_tokens, temperature, top_k, top_p, seed)
-        view = probability_view.View(self.tokenizer)
+        records = probability_view.Records(self.tokenizer)
         try:
-            for text, stats in self.stream(settings, visitor, probabilities=True, every=RECORDS_UPDATE_SECONDS):
-                yield text, list(view.update(stats.probabilities).records)  # a new list: Gradio diffs it with the last
-        except serve.RequestError as err:
+            params = SamplingParams(temperature, top_k, top_p, seed, repetition_penalty, served=True)
+            for text, stats in self.stream(visitor, prompt, max_new_tokens, params, True, RECORDS_UPDATE_SECONDS):
+                records.update(stats.probabilities)
+                yield text, list(records.records)  # a new list: Gradio diffs it with the last
+        except serve.REFUSED as err:
             raise self.refused(err) from None
 
     # Gradio hands an agent an endpoint's value as str(value): a Python repr for text and records. This tool sends
@@ -189,14 +197,15 @@ class Generation:
         self,
         prompt: str,
         max_new_tokens: int | None = None,
-        temperature: float = DEFAULTS.temperature,
-        top_k: int = DEFAULTS.top_k,
-        top_p: float = DEFAULTS.top_p,
-        seed: int | None = policy.RANDOM_SEED,
+        temperature: float = START["temperature"],
+        top_k: int = START["top_k"],
+        top_p: float = START["top_p"],
+        seed: int | None = RANDOM_SEED,
+        repetition_penalty: float = START["repetition_penalty"],  # new settings come last: callers are positional
         visitor: gr.Request = None,
     ) -> str:
         for text, records in self.generate_with_probabilities(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed, visitor
+            prompt, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, visitor
         ):
             yield json.dumps({"text": text, "records": records})
 
@@ -207,34 +216,35 @@ class Generation:
     generate_with_probabilities.__name__ = "generate_with_probabilities_http"
     generate_with_probabilities._mcp_type = "http only"
 
-    def on_page(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, view: bool, visitor: gr.Request):
+    def on_page(self, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, view: bool,
+                visitor: gr.Request):  # fmt: skip
         """The page's Generate: the text, the run's figures and (when the view is on) the coloured tokens. A
         refused request shows its reason and leaves the last continuation where it is."""
-        settings = (prompt, max_new_tokens, temperature, top_k, top_p, seed)
-        shown = probability_view.View(self.tokenizer)
+        shown = probability_html.View(self.tokenizer)
         try:
-            for text, stats in self.stream(settings, visitor, probabilities=view):
+            params = SamplingParams(temperature, top_k, top_p, seed, repetition_penalty, served=True)
+            for text, stats in self.stream(visitor, prompt, max_new_tokens, params, view):
                 yield text, stats.summary(), shown.update(stats.probabilities).html() if view else ""
-        except serve.RequestError as err:
+        except serve.REFUSED as err:
             log.info("refused a request: %s", err)
             gr.Warning(str(err))
             yield gr.skip(), gr.skip(), gr.skip()
 
 
 def sampling_controls(block_size: int) -> list[gr.components.Component]:
-    """The sliders and the seed box, in /generate's parameter order after the prompt, starting from the app's
-    defaults and bounded by the served ranges."""
-    served = policy.SERVED_RANGES
+    """The sliders (one per sampling setting, in SETTINGS' order, from what a visitor starts from and bounded by
+    the served ranges) and the seed box, after the max-new-tokens slider: on_page's parameters after the prompt."""
+    sliders = [
+        gr.Slider(*setting.served, value=setting.start, step=1 if setting.whole else 0.05, info=setting.meaning,
+                  label=name.replace("top_", "Top-").replace("_", " ").capitalize(), elem_id=name.replace("_", "-"))
+        for name, setting in SETTINGS.items()
+    ]  # fmt: skip
     return [
         gr.Slider(
             1, block_size, value=policy.new_tokens(block_size), step=1, label="Max new tokens", elem_id="max-new-tokens"
         ),
-        gr.Slider(
-            *served["temperature"], value=DEFAULTS.temperature, step=0.05, label="Temperature", info="0 = greedy"
-        ),
-        gr.Slider(*served["top_k"], value=DEFAULTS.top_k, step=1, label="Top-k", info="0 = off"),
-        gr.Slider(*served["top_p"], value=DEFAULTS.top_p, step=0.05, label="Top-p", info="1 = off"),
-        gr.Number(value=policy.RANDOM_SEED, precision=0, label="Seed", info="blank or -1 = random", elem_id="seed"),
+        *sliders,
+        gr.Number(value=RANDOM_SEED, precision=0, label="Seed", info="blank or -1 = random", elem_id="seed"),
     ]
 
 
@@ -287,7 +297,7 @@ def build(
                 probabilities = gr.HTML(visible=False, elem_id="probabilities")
                 stats = gr.Markdown(elem_id="stats")
                 examples = gr.Examples(
-                    [[e] for e in policy.EXAMPLE_PROMPTS],
+                    [[e] for e in EXAMPLE_PROMPTS],
                     inputs=[prompt],
                     cache_examples=False,
                     api_visibility="private",
@@ -361,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 app_kwargs={"middleware": middleware, "routes": completions.routes()}, enable_monitoring=False,
                 prevent_thread_lock=True,
-                mcp_server=args.mcp, css=probability_view.CSS)  # fmt: skip
+                mcp_server=args.mcp, css=probability_html.CSS)  # fmt: skip
     try:
         scheduler.run()  # decoding on the thread that loaded the model: torch runs slower from another
     except KeyboardInterrupt:

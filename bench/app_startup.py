@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))  # tests.launch, the app launcher, is not an insta
 import httpx  # noqa: E402
 
 import serve  # noqa: E402
-from model import generate, load_tokenizer  # noqa: E402
+from model import SamplingParams, generate, load_tokenizer  # noqa: E402
 from serve.flags import at_least_one  # noqa: E402
 from tests.launch import API_TIMEOUT, app_env, running_app, timed_generate  # noqa: E402
 
@@ -42,7 +42,8 @@ def through_the_app(url: str, client: httpx.Client, max_new_tokens: int, seed: i
 
 def in_process(model, max_new_tokens: int, seed: int) -> tuple[float, float]:
     """(seconds to the first token, decode tokens/s after it) of the model's own generate()."""
-    request = serve.check_request(model, PROMPT, max_new_tokens, 0.8, 50, 1.0, seed)
+    params = SamplingParams(0.8, top_k=50, seed=seed, served=True)
+    request = serve.check_request(model, PROMPT, max_new_tokens, params)
     start, times = time.perf_counter(), []
     for _ in generate(model, request.prompt_ids, request.max_new_tokens, params=request.params):
         times.append(time.perf_counter())

@@ -91,11 +91,13 @@ def held_out_loss(model: GPT, tokens: torch.Tensor, max_tokens: int) -> float:
     return total / windows
 
 
-def compiled(model: GPT) -> GPT:
-    """The model with its one-token decoding step compiled (serve.CompiledDecoding, as the app serves once ready)."""
-    if not compile_now(model):
+def compiled(model: GPT) -> tuple[GPT, dict]:
+    """The model and generate()'s step= for its one-token decoding step compiled (serve.CompiledDecoding, as the
+    app serves once ready)."""
+    decoding = compile_now(model)
+    if decoding is None:
         raise RuntimeError("the decoding step did not compile (see the log line above)")
-    return model
+    return model, {"step": decoding.next_token_logits}
 
 
 def time_ours(model: GPT, prompt: list[int], new_tokens: int, mode: dict) -> tuple[float, float, list[int]]:
@@ -147,16 +149,24 @@ def build_weights(source: str | None, folder: Path) -> Path:
 def speed(args, folder: Path, prompts: dict[int, list[int]], bandwidth: float) -> None:
     from transformers import GPT2LMHeadModel
 
-    loaders = {f"this project {name}": (lambda kw=kw: load_for_inference(folder, device="cpu", **kw))
+    # each loader gives a model and what generate() takes beside the sampling mode (a compiled step)
+    loaders = {f"this project {name}": (lambda kw=kw: (load_for_inference(folder, device="cpu", **kw), {}))
                for name, kw in PRECISIONS.items()}  # fmt: skip
     loaders["this project int8, compiled step"] = lambda: compiled(load_for_inference(folder, device="cpu"))
-    loaders["transformers fp32"] = lambda: GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
-    loaders["transformers bf16"] = lambda: GPT2LMHeadModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        loaders[f"transformers {name}"] = lambda dtype=dtype: (
+            GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).eval(),
+            {},
+        )
     rows, reference_tokens = {}, {}
     for name, load in loaders.items():
-        model = load()
+        model, extra = load()
         ours = isinstance(model, GPT)
-        run = time_ours if ours else time_transformers
+        timed = time_ours if ours else time_transformers
+
+        def run(model, prompt, new_tokens, mode, timed=timed, extra=extra):
+            return timed(model, prompt, new_tokens, mode | extra)
+
         run(model, prompts[min(prompts)], 4, MODES["greedy"])  # first-call set-up, not timed
         ceiling = bandwidth / bytes_per_token(model) if ours else None
         for length, prompt in prompts.items():

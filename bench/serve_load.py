@@ -133,9 +133,10 @@ def invariance(source: str, label: str, new_tokens: int, device: str) -> None:
     variants += [("int8, compiled step", PRECISIONS["int8"], True)] if device == "cpu" else []
     for name, options, compiled in variants:
         model = load_for_inference(source, device=device, **options)
-        if compiled and not compile_now(model):
+        step = compile_now(model) if compiled else None
+        if compiled and step is None:
             continue
-        with Scheduler(model, max_batch=8) as scheduler:
+        with Scheduler(model, max_batch=8, compiled=step) as scheduler:
             alone = [list(scheduler.generate(*request)) for request in requests]
             streams = [scheduler.generate(*request) for request in requests]
             together = [list(stream) for stream in streams]

@@ -73,7 +73,8 @@ def main() -> None:
         outputs.check_writable(folder)
     trainer = AveragingTrainer(config, setup_machine(config), decays=decays)
     summary = trainer.train()
-    publish.finish(trainer, summary)  # summary.json (and --push-to-hub), as train/train.py ends a run
+    # summary.json (and --push-to-hub), as train/train.py ends a run
+    publish.finish(config, trainer.out_dir, trainer.checkpoint_dir, summary, trainer.progress)
     print(f"steps {summary['steps']}, {summary['train_minutes']} minutes")
     print(f"{'weights':<22} {'held-out loss':>14}")
     print(f"{'the run, last step':<22} {summary['val_loss']:>14.4f}")  # scored by the run's last evaluation

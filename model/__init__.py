@@ -1,7 +1,9 @@
 """ShakespeareGPT's model package: GPT-2, its tokenizer, sampling and checkpoint I/O."""
 
+import warnings
+
 from .card import read_model_card_metrics, render_model_card
-from .config import PRESETS, GPTConfig
+from .config import SHAPES, GPTConfig
 from .gpt import GPT, KVCache
 from .layout import CheckpointError
 from .sampling import SamplingError, SamplingParams, generate
@@ -10,7 +12,7 @@ from .tokenizer import EOT_TOKEN, load_tokenizer, stream_text
 __all__ = [
     "EOT_TOKEN",
     "GPT",
-    "PRESETS",
+    "SHAPES",
     "CheckpointError",
     "GPTConfig",
     "KVCache",
@@ -22,3 +24,10 @@ __all__ = [
     "render_model_card",
     "stream_text",
 ]
+
+
+def __getattr__(name: str):
+    if name == "PRESETS":  # the old name of the model shapes (the trainer's recipes are train.config.RECIPES)
+        warnings.warn("model.PRESETS is deprecated: use model.SHAPES", DeprecationWarning, stacklevel=2)
+        return SHAPES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,8 @@ from pathlib import Path
 from .config import GPTConfig
 
 CARD_NAME = "README.md"
+# the prompts a model card shows samples of (the trainer writes them) and the app offers as examples
+EXAMPLE_PROMPTS = ("First Citizen:", "ROMEO:", "To be or not")
 
 
 class CardError(ValueError):

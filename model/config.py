@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 # Named shapes. "gpt2" is GPT-2 small (124M); "cpu-small" is what the shipped model
 # in assets/ is trained with (fits 2 CPU cores in under an hour and a 32 MiB file);
 # "tiny" is for tests.
-PRESETS: dict[str, dict] = {
+SHAPES: dict[str, dict] = {
     "gpt2": {},
     "cpu-small": dict(block_size=256, n_layer=6, n_head=4, n_embd=128),
     "tiny": dict(block_size=64, n_layer=2, n_head=2, n_embd=32),
@@ -35,9 +35,9 @@ class GPTConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         """The named preset, with any field overridden (None values are ignored)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        fields = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+        if name not in SHAPES:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(SHAPES)}")
+        fields = {**SHAPES[name], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**fields)
 
     def to_dict(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import warnings
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -21,8 +22,8 @@ ATTENTION_BLOCK = 64  # positions: a batched decoding step attends over whole bl
 
 class KVCache:
     """Keys and values of every layer for up to block_size positions of batch_size sequences (slots),
-    allocated once. It holds no position: each call says where its tokens go (input_pos), as litgpt
-    passes it, and which slot each row uses. It starts at zero, so a position that GPT.decode_step
+    allocated once. It holds no position: each call says where its tokens go (start), as litgpt passes its
+    input_pos, and which slot each row uses. It starts at zero, so a position that GPT.decode_step
     masks out is a finite number times a weight of exactly 0."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype) -> None:
@@ -155,6 +156,13 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache, layer, rows)
         return x + self.mlp(self.ln_2(x))
 
+    def decode(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: DecodeRows, masked
+    ) -> torch.Tensor:
+        """forward for one new position per row (x: (B, C)), its attention batched over the rows' cache slots."""
+        x = x + self.attn.decode(self.ln_1(x), keys, values, rows, masked)
+        return x + self.mlp(self.ln_2(x))
+
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig | None = None) -> None:
@@ -245,8 +253,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(rows.positions)
         masked = torch.arange(rows.length, device=idx.device) > rows.positions[:, None]  # (B, length): past each row
         for block, layer_keys, layer_values in zip(self.transformer.h, keys, values, strict=True):
-            x = x + block.attn.decode(block.ln_1(x), layer_keys, layer_values, rows, masked)
-            x = x + block.mlp(block.ln_2(x))
+            x = block.decode(x, layer_keys, layer_values, rows, masked)
         return self.lm_head(self.transformer.ln_f(x))
 
     def forward(
@@ -265,17 +272,17 @@ class GPT(nn.Module):
         weight = self.transformer.wte.weight
         return KVCache(self.config, batch_size, weight.device, weight.dtype)
 
-    def next_token_logits(self, idx: torch.Tensor, cache: KVCache, input_pos, slots=None) -> torch.Tensor:
-        """Run idx (B, T) at positions input_pos .. input_pos + T - 1 after the input_pos positions already
-        in the cache, and return each row's last logits (B, vocab). input_pos is one number for every row
-        or a list with each row's own; row b uses cache slot slots[b] (default b). Rows are independent:
-        each attends over its own slot only, so decoding many sequences is one call with one row each."""
-        return self.lm_head(self._hidden(idx, cache, input_pos, slots)[:, -1])
+    def next_token_logits(self, idx: torch.Tensor, cache: KVCache, start=None, slots=None, **old) -> torch.Tensor:
+        """Run idx (B, T) at positions start .. start + T - 1 after the start positions already in the cache,
+        and return each row's last logits (B, vocab). start is one number for every row or a list with each
+        row's own; row b uses cache slot slots[b] (default b). Rows are independent: each attends over its own
+        slot only, so decoding many sequences is one call with one row each."""
+        return self.lm_head(self._hidden(idx, cache, _start(start, old), slots)[:, -1])
 
-    def fill_cache(self, idx: torch.Tensor, cache: KVCache, input_pos, slots=None) -> None:
+    def fill_cache(self, idx: torch.Tensor, cache: KVCache, start=None, slots=None, **old) -> None:
         """next_token_logits without the logits: only the cache is written (a prompt's chunks before its last
         need no output head, which reads the whole token embedding: 38.6M of GPT-2's 124M weights)."""
-        self._hidden(idx, cache, input_pos, slots)
+        self._hidden(idx, cache, _start(start, old), slots)
 
     # Checkpoint I/O lives in loading.py, saving.py and hub.py; these methods only hand over to them.
 
@@ -305,3 +312,13 @@ class GPT(nn.Module):
         from .saving import push_to_hub
 
         return push_to_hub(self, repo_id, private=private, token=token, model_card=model_card)
+
+
+def _start(start, old: dict):
+    """start, or the value under its old keyword name input_pos (with a one-line deprecation warning)."""
+    if set(old) - {"input_pos"} or (start is None) == ("input_pos" not in old):
+        raise TypeError("give start (the first new token's position) once, by position or as start=")
+    if "input_pos" in old:
+        warnings.warn("input_pos= is deprecated: call it start=", DeprecationWarning, stacklevel=3)
+        return old["input_pos"]
+    return start

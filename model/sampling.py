@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import InitVar, dataclass
 from typing import ClassVar
 
 import torch
@@ -37,30 +37,72 @@ def _shown(value) -> str:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each next token, checked once when made. temperature 0 is greedy; top_k 0 and top_p 1
-    are off; seed None draws a random one, kept here so a run can be repeated. The defaults are
-    generate()'s and every front end's starting point."""
+class Setting:
+    """One sampling setting: generate()'s default and the range the library takes; the narrower range an app
+    serves its visitors and the value they start from; what its special value means."""
 
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
+    default: float
+    low: float
+    high: float
+    served: tuple[float, float]
+    start: float
+    meaning: str
+    whole: bool = False
+
+    def allowed(self, served: bool) -> str:
+        """The range as a message says it."""
+        low, high = self.served if served else (self.low, self.high)
+        kind = "a whole number" if self.whole else "a number"
+        if high == math.inf:
+            lower = "> 0" if low == math.ulp(0.0) else f">= {low:g}"
+            return f"{kind if self.whole else 'a finite number'} {lower} ({self.meaning})"
+        if low == math.ulp(0.0):
+            return f"{kind} in (0, {high:g}] ({self.meaning})"
+        return f"{kind} from {low:g} to {high:g} ({self.meaning})"
+
+
+# Every sampling setting, by name: the one table SamplingParams checks and defaults against, and that the app's
+# controls, its request check, the OpenAI-style route and the trainer's samples read. A new setting is a row
+# here, a field of SamplingParams, and its step in draw().
+SETTINGS: dict[str, Setting] = {
+    "temperature": Setting(0.8, 0.0, math.inf, (0.0, 2.0), 0.8, "0 = greedy"),
+    "top_k": Setting(0, 0, math.inf, (0, 200), 50, "0 = off", whole=True),
+    "top_p": Setting(1.0, math.ulp(0.0), 1.0, (0.05, 1.0), 1.0, "1 = off"),
+    "repetition_penalty": Setting(1.0, math.ulp(0.0), math.inf, (1.0, 2.0), 1.0, "1 = off"),
+}
+RANDOM_SEED = -1  # what a visitor of an app sends for "draw a random seed" (None means the same)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token, checked and defaulted once, here, against SETTINGS. temperature 0 is greedy;
+    top_k 0, top_p 1 and repetition_penalty 1 are off; seed None draws a random one, kept here so a run can be
+    repeated. A setting left None takes generate()'s default, or with served=True (a request to an app) what a
+    visitor starts from, and must then be within the served range; a served seed of -1 is random too."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     seed: int | None = None
+    repetition_penalty: float | None = None
+    served: InitVar[bool] = False
 
     SEED_MAX: ClassVar[int] = 2**63 - 1
 
-    def __post_init__(self) -> None:
-        self._set("temperature", 0.0, math.inf, "a finite number >= 0 (0 = greedy)")
-        self._set("top_k", 0, math.inf, "a whole number >= 0 (0 = off)", whole=True)
-        self._set("top_p", math.ulp(0.0), 1.0, "a number in (0, 1] (1 = off)")
-        if self.seed is None:
+    def __post_init__(self, served: bool) -> None:
+        for name, setting in SETTINGS.items():
+            value = getattr(self, name)
+            if value is None:
+                value = setting.start if served else setting.default
+            low, high = setting.served if served else (setting.low, setting.high)
+            value = checked_number(name, value, low, high, setting.allowed(served), setting.whole)
+            object.__setattr__(self, name, value)  # frozen
+        random = self.seed is None or (served and not isinstance(self.seed, bool) and self.seed == RANDOM_SEED)
+        if random:
             object.__setattr__(self, "seed", secrets.randbits(63))
         else:
             allowed = f"blank, -1 (random) or a whole number from 0 to {self.SEED_MAX}"
-            self._set("seed", 0, self.SEED_MAX, allowed, whole=True)
-
-    def _set(self, name: str, low: float, high: float, allowed: str, whole: bool = False) -> None:
-        object.__setattr__(self, name, checked_number(name, getattr(self, name), low, high, allowed, whole))  # frozen
+            object.__setattr__(self, "seed", checked_number("seed", self.seed, 0, self.SEED_MAX, allowed, whole=True))
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
@@ -111,8 +153,27 @@ def token_probability(logits: torch.Tensor, token: int, k: int = TOP_ALTERNATIVE
     return TokenProbability(token, float(probs[token]), alternatives)
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """sample_token with a SamplingParams' settings."""
+def penalize_repetition(logits: torch.Tensor, seen: Sequence[int], penalty: float) -> torch.Tensor:
+    """The logits with every token of seen made less likely, as transformers' RepetitionPenaltyLogitsProcessor
+    does: a positive logit divided by penalty, a negative one multiplied by it (penalty 1 changes nothing)."""
+    if penalty == 1.0 or not seen:
+        return logits
+    ids = torch.tensor(sorted(set(seen)), device=logits.device)
+    scores = logits[ids]
+    return logits.index_put((ids,), torch.where(scores < 0, scores * penalty, scores / penalty))
+
+
+def draw(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    tokens: Sequence[int] = (),
+    window: int = 0,
+) -> int:
+    """The next token from its logits with a SamplingParams' settings. The repetition penalty reads the last
+    window of tokens (the prompt and what was generated): what the model sees, whose logits these are."""
+    if params.repetition_penalty != 1.0:  # the window is sliced only when read
+        logits = penalize_repetition(logits, tokens[-window:] if window else (), params.repetition_penalty)
     return sample_token(logits, params.temperature, params.top_k, params.top_p, generator)
 
 
@@ -136,13 +197,15 @@ def generate(
     max_new_tokens: int,
     *,
     params: SamplingParams | None = None,
+    step: Callable | None = None,
     **settings,
 ) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids, one at a time, sampled as params says, else with the keyword
-    settings (temperature, top_k, top_p, seed: SamplingParams' fields and defaults). A seed makes the output
-    reproducible whatever else runs; it stops after <|endoftext|>. The prompt (its last block_size tokens) is
-    prefilled into a KV cache in chunks, then one position runs per step; past the context the last half is
-    kept (kept_after_shift). The model runs in eval mode while the generator is live."""
+    settings (SamplingParams' fields and defaults). A seed makes the output reproducible whatever else runs;
+    it stops after <|endoftext|>. The prompt (its last block_size tokens) is prefilled into a KV cache in
+    chunks, then one position runs per step; past the context the last half is kept (kept_after_shift). The
+    model runs in eval mode while the generator is live. step replaces model.next_token_logits (a compiled
+    step, serve.CompiledDecoding's)."""
     if params is None:
         params = SamplingParams(**settings)
     elif settings:
@@ -155,10 +218,10 @@ def generate(
     vocab_size = model.config.vocab_size
     if any(not 0 <= t < vocab_size for t in tokens):
         raise SamplingError(f"prompt_ids must be token ids in [0, {vocab_size})")
-    return _decode(model, tokens, max_new_tokens, params)
+    return _decode(model, tokens, max_new_tokens, params, step or model.next_token_logits)
 
 
-def _decode(model: GPT, tokens: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[int]:
+def _decode(model: GPT, tokens: list[int], max_new_tokens: int, params: SamplingParams, step) -> Iterator[int]:
     block_size = model.config.block_size
     cache = model.new_kv_cache(1)
     generator = torch.Generator(device=model.device).manual_seed(params.seed)
@@ -172,9 +235,9 @@ def _decode(model: GPT, tokens: list[int], max_new_tokens: int, params: Sampling
                 for chunk in prefix:
                     model.fill_cache(torch.tensor([chunk], device=model.device), cache, position)
                     position += len(chunk)
-                logits = model.next_token_logits(torch.tensor([last], device=model.device), cache, position)
+                logits = step(torch.tensor([last], device=model.device), cache, position)
                 position += len(last)
-            token = draw(logits[0].float(), params, generator)
+            token = draw(logits[0].float(), params, generator, tokens, position)  # the window the model sees
             yield token
             if token == EOT_TOKEN:
                 return

@@ -6,6 +6,7 @@ from . import policy
 from .batching import MAX_BATCH, Scheduler
 from .compiled import CompiledDecoding
 from .completions import (
+    REFUSED,
     UPDATE_SECONDS,
     Request,
     RequestError,
@@ -20,6 +21,7 @@ from .model_facts import ModelFacts
 
 __all__ = [
     "MAX_BATCH",
+    "REFUSED",
     "UPDATE_SECONDS",
     "CompiledDecoding",
     "ModelFacts",

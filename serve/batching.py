@@ -151,7 +151,7 @@ class Scheduler:
         with self._changed:
             while True:
                 if self._compiled is not None and self._compiled.ready.is_set() and not self._streams:
-                    self._compiled.install()  # between requests: each request's tokens come from one path
+                    self._batch.step = self._compiled.next_token_logits  # between requests: one path per request
                     self._compiled = None
                     log.info("decoding steps now run compiled")
                 for row, stream in list(self._streams.items()):

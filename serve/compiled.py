@@ -27,20 +27,22 @@ import torch
 from model import GPT
 from model.gpt import DecodeRows
 
-from .inference import Int8Linear
+from .kernels import Int8Linear
 
 log = logging.getLogger(__name__)
 
 
 class CompiledDecoding:
-    """model.decode_step compiled for one-token steps of any batch; install() makes model.next_token_logits
-    use it for them (longer calls, prompt chunks, stay eager)."""
+    """model.decode_step compiled for one-token steps of any batch. Its next_token_logits is a step a decoder
+    takes in place of the model's own (DecodeBatch's step, generate()'s step=): one-token steps compiled, longer
+    calls (prompt chunks) eager, and eager for good once a compiled step has failed."""
 
     def __init__(self, model: GPT) -> None:
         self.model = model
         self.ready = threading.Event()  # set once compiled and checked
         self.started = False
         self.failed: str | None = None
+        self.broken = False  # a compiled step failed while serving: eager from then on
         self._eager = model.next_token_logits
         for module in model.modules():
             if isinstance(module, Int8Linear):
@@ -80,23 +82,19 @@ class CompiledDecoding:
         thread.start()
         return thread
 
-    def install(self) -> None:
-        """From now on the model's one-token steps run compiled (call it between requests)."""
-        self.model.next_token_logits = self.next_token_logits
-
-    def next_token_logits(self, idx: torch.Tensor, cache, input_pos, slots=None) -> torch.Tensor:
+    def next_token_logits(self, idx: torch.Tensor, cache, start, slots=None) -> torch.Tensor:
         """GPT.next_token_logits, with one-token steps compiled."""
         B, T = idx.shape
-        if T != 1:
-            return self._eager(idx, cache, input_pos, slots)
-        starts, slots = self.model.rows_of(B, T, input_pos, slots)
+        if T != 1 or self.broken:
+            return self._eager(idx, cache, start, slots)
+        starts, slots = self.model.rows_of(B, T, start, slots)
         try:
             return self._run(idx[:, 0], cache, DecodeRows.of(slots, starts, self.model.config.block_size, idx.device))
         except Exception as err:  # noqa: BLE001 - a compiled step that fails once is not trusted again
             self.failed = _first_line(err)
             log.warning("the compiled decoding step failed, decoding goes on eagerly (%s)", self.failed)
-            self.model.next_token_logits = self._eager
-            return self._eager(idx, cache, input_pos, slots)
+            self.broken = True
+            return self._eager(idx, cache, start, slots)
 
     def _run(self, idx: torch.Tensor, cache, rows: DecodeRows) -> torch.Tensor:
         # every size that varies (rows, cache slots) is symbolic from the start, so no batch size, not even
@@ -107,13 +105,11 @@ class CompiledDecoding:
         return self._step(idx, cache.keys, cache.values, rows)
 
 
-def compile_now(model: GPT) -> bool:
-    """Compile model's decoding step on this thread and install it (for scripts and benches that time it);
-    False, with the model left eager, when the compiler fails."""
+def compile_now(model: GPT) -> CompiledDecoding | None:
+    """model's decoding step compiled on this thread, to hand to a decoder (for scripts and benches that time
+    it); None when the compiler fails."""
     decoding = CompiledDecoding(model)
-    if decoding.compile():
-        decoding.install()
-    return decoding.ready.is_set()
+    return decoding if decoding.compile() else None
 
 
 def _first_line(err: Exception) -> str:

@@ -13,13 +13,15 @@ from model.sampling import TokenProbability, checked_number
 from model.tokenizer import TextEncoding
 
 from .batching import Scheduler
-from .policy import params_from_request
 
 MAX_PROMPT_CHARS = 100_000  # far beyond any context; bounds the tokenizer's work per request
 
 
 class RequestError(ValueError):
     """A request the caller has to change; the message says what is allowed."""
+
+
+REFUSED = (RequestError, SamplingError)  # what a front end answers with its message: the caller's to change
 
 
 @dataclass(frozen=True)
@@ -57,24 +59,16 @@ def check_prompt(prompt, tokenizer: TextEncoding | None = None) -> list[int]:
 
 
 def check_request(
-    model: GPT,
-    prompt,
-    max_new_tokens,
-    temperature,
-    top_k,
-    top_p,
-    seed,
-    tokenizer: TextEncoding | None = None,
+    model: GPT, prompt, max_new_tokens, params: SamplingParams, tokenizer: TextEncoding | None = None
 ) -> Request:
-    """Check every parameter as a caller may send it (any JSON value) and return the request to run;
-    raise RequestError saying what is allowed. The sampling settings are checked by
-    policy.params_from_request (top_k 0 is off; a seed of None or -1 draws a random one, recorded)."""
+    """Check a request's prompt and length as a caller may send them (any JSON values) and return it to run with
+    params (built by the front end, SamplingParams(served=True), which checked them); raise RequestError saying
+    what is allowed."""
     block_size = model.config.block_size
     prompt_ids = check_prompt(prompt, tokenizer)
     allowed = f"a whole number from 1 to {block_size}"
     try:
         max_new_tokens = checked_number("max_new_tokens", max_new_tokens, 1, block_size, allowed, whole=True)
-        params = params_from_request(temperature, top_k, top_p, seed)
     except SamplingError as err:
         raise RequestError(str(err)) from None
     return Request(prompt, prompt_ids, block_size, max_new_tokens, params)

@@ -48,8 +48,9 @@ class DecodeBatch:
 
     SHORT_PREFILL = 32  # tokens: about as costly as a decoding step of a full batch
 
-    def __init__(self, model: GPT, max_rows: int, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, model: GPT, max_rows: int, clock: Callable[[], float] = time.perf_counter, step=None) -> None:
         self.model, self.max_rows, self.clock = model, max_rows, clock
+        self.step = step or model.next_token_logits  # the one-token step: the model's, or a compiled one
         self.cache = model.new_kv_cache(max_rows)
         self.rows: list[Row] = []
         self._free = list(range(max_rows))
@@ -114,7 +115,7 @@ class DecodeBatch:
                 self.prefill_debt += self.clock() - started
         sampled = []
         for row in [row for row in self.rows if row.logits is not None]:
-            token = draw(row.logits, row.params, row.generator)
+            token = draw(row.logits, row.params, row.generator, row.tokens, row.position)  # the window it sees
             if row.probabilities:
                 row.last_probability = token_probability(row.logits, token)
             row.logits, row.new_tokens = None, row.new_tokens + 1
@@ -150,4 +151,4 @@ class DecodeBatch:
         if not logits:
             self.model.fill_cache(idx, self.cache, positions, slots)
             return None
-        return self.model.next_token_logits(idx, self.cache, positions, slots).float()
+        return self.step(idx, self.cache, positions, slots).float()

@@ -1,10 +1,8 @@
-"""The probability view of a completion: each generated token with the model's probability of it and the most
-probable alternatives, as JSON records for the API and as HTML for the page (colour by probability, the
-alternatives on hover or tap). No UI library here: any front end can use it."""
+"""The probability records of a completion: each generated token with the model's probability of it and the
+most probable alternatives, as JSON records for any front end (the app's API and MCP tool, the OpenAI-style
+logprobs, the page's HTML in webapp/probability_html.py)."""
 
 from __future__ import annotations
-
-from html import escape
 
 from model.sampling import TokenProbability
 from model.tokenizer import TextEncoding
@@ -25,54 +23,16 @@ def record(choice: TokenProbability, tokenizer: TextEncoding) -> dict:
     }
 
 
-def colour(p: float) -> str:
-    """Red for a token the model thought unlikely, through yellow, to green for a sure one (translucent, so
-    the text reads in light and dark themes). The hue follows sqrt(p): a small model gives most tokens well
-    under 50%, and a linear scale would paint nearly all of them the same red."""
-    return f"hsla({round(120 * p**0.5)}, 85%, 50%, 0.35)"
-
-
-def shown(text: str) -> str:
-    """A token as a line of the alternatives list: whitespace made visible."""
-    return text.replace("\n", "\u21b5").replace(" ", "\u2423") or "\u2205"
-
-
-def span(token: dict) -> str:
-    """A token record as a coloured span holding its probability and the alternatives, shown on hover or focus
-    (a tap focuses it on a phone)."""
-    alternatives = "".join(f"<li>{escape(shown(alt['token']))} {alt['p']:.1%}</li>" for alt in token["top"])
-    return (
-        f'<span class="token" tabindex="0" style="background:{colour(token["p"])}" data-p="{token["p"]:.4f}">'
-        f'{escape(token["token"])}<span class="alternatives" role="tooltip">'
-        f"<b>{escape(shown(token['token']))} {token['p']:.1%}</b><ol>{alternatives}</ol></span></span>"
-    )
-
-
-class View:
-    """The records and the HTML of a completion as it grows: each token is rendered once, as it arrives."""
+class Records:
+    """The records of a completion as it grows: each token's record is made once, as it arrives."""
 
     def __init__(self, tokenizer: TextEncoding) -> None:
         self.tokenizer = tokenizer
         self.records: list[dict] = []
-        self._spans: list[str] = []
 
-    def update(self, probabilities: list[TokenProbability]) -> View:
-        """Take in the tokens of probabilities not seen yet (the list a completion's stats grow)."""
-        for choice in probabilities[len(self.records) :]:
-            self.records.append(record(choice, self.tokenizer))
-            self._spans.append(span(self.records[-1]))
-        return self
-
-    def html(self) -> str:
-        return f'<div class="probabilities">{"".join(self._spans)}</div>'
-
-
-CSS = """
-.probabilities { white-space: pre-wrap; line-height: 1.9; font-family: var(--font-mono); }
-.probabilities .token { position: relative; border-radius: 3px; cursor: help; }
-.probabilities .alternatives { display: none; position: absolute; left: 0; top: 1.7em; z-index: 20;
-  background: var(--background-fill-primary); border: 1px solid var(--border-color-primary); border-radius: 6px;
-  padding: 4px 10px; white-space: pre; font-size: 12px; line-height: 1.4; box-shadow: var(--shadow-drop-lg); }
-.probabilities .alternatives ol { margin: 2px 0 0 0; padding-left: 1.4em; }
-.probabilities .token:hover .alternatives, .probabilities .token:focus .alternatives { display: block; }
-"""
+    def update(self, probabilities: list[TokenProbability]) -> list[dict]:
+        """Take in the tokens of probabilities not seen yet (the list a completion's stats grow); returns the
+        records made now."""
+        new = [record(choice, self.tokenizer) for choice in probabilities[len(self.records) :]]
+        self.records.extend(new)
+        return new

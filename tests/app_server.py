@@ -70,3 +70,40 @@ def running_app(*args: str, env: dict[str, str] | None = None, compile: bool = F
     flags = ["--device", "cpu", *([] if compile else ["--no-compile"])]
     with launch.running_app(ROOT / "app.py", *flags, *args, env=env or app_env(threads=1)) as app:
         yield app
+
+
+# Loaded first in the app's process (PYTHONPATH): every decoding step waits while the file $HOLD_DECODING
+# exists, then takes at least $STEP_SECONDS. While held, no job can end, so a burst meets a client's jobs all
+# still waiting or running whatever the machine's speed; slowed, the jobs are still running when another
+# client asks.
+HOLD_DECODING = """
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.getcwd())  # the checkout: running_app starts app.py there
+from serve.decoding import DecodeBatch
+
+_hold, _step, _advance = Path(os.environ["HOLD_DECODING"]), float(os.environ["STEP_SECONDS"]), DecodeBatch.advance
+
+
+def _held_advance(self):
+    while _hold.exists():
+        time.sleep(0.005)
+    time.sleep(_step)
+    return _advance(self)
+
+
+DecodeBatch.advance = _held_advance
+"""
+
+
+def held_decoding(folder: Path, step_seconds: float = 0.0) -> tuple[dict[str, str], Path]:
+    """An environment for running_app whose decoding holds while the returned file exists (see HOLD_DECODING)."""
+    site = folder / "held-decoding"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(HOLD_DECODING)
+    hold = folder / "hold"
+    env = app_env(threads=1) | {"PYTHONPATH": str(site), "HOLD_DECODING": str(hold), "STEP_SECONDS": str(step_seconds)}
+    return env, hold

@@ -4,7 +4,11 @@ loads or launches, instead of a traceback at the end of a long run."""
 import subprocess
 import sys
 
+import pytest
 from app_server import ROOT
+
+pytestmark = pytest.mark.slow  # each bench started as a process, seven of them
+
 
 COUNTS = {
     "anchors": "--repeats",

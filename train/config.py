@@ -10,8 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field, fields
 
-from model import PRESETS as MODEL_PRESETS
-from model import GPTConfig
+from model import SHAPES, GPTConfig
 from model.device import DTYPES
 
 from .outputs import DEFAULT_OUT_DIR
@@ -45,7 +44,7 @@ def parse_switch(text) -> str:
 
 
 # Names that changed; the old ones keep working (a command line says so in one line, a checkpoint silently).
-RENAMED_PRESETS = {"recipe-a": "gpt2-4x1024", "recipe-b": "gpt2-32x256"}
+RENAMED_RECIPES = {"recipe-a": "gpt2-4x1024", "recipe-b": "gpt2-32x256"}
 RENAMED_FIELDS = {"model": "model_preset"}
 
 
@@ -57,9 +56,9 @@ def deprecated(old: str, new: str) -> None:
 
 def parse_preset(text) -> str:
     """A --preset name, the old recipe-a / recipe-b turned into their new names."""
-    if text in RENAMED_PRESETS:
-        deprecated(f"--preset {text}", f"--preset {RENAMED_PRESETS[text]}")
-    return RENAMED_PRESETS.get(text, text)
+    if text in RENAMED_RECIPES:
+        deprecated(f"--preset {text}", f"--preset {RENAMED_RECIPES[text]}")
+    return RENAMED_RECIPES.get(text, text)
 
 
 def parse_old_model_flag(text) -> str:
@@ -71,8 +70,8 @@ def parse_old_model_flag(text) -> str:
 def upgrade_saved(saved: dict) -> dict:
     """A configuration as an older trainer saved it, in today's field and preset names."""
     upgraded = {RENAMED_FIELDS.get(name, name): value for name, value in saved.items()}
-    if upgraded.get("preset") in RENAMED_PRESETS:
-        upgraded["preset"] = RENAMED_PRESETS[upgraded["preset"]]
+    if upgraded.get("preset") in RENAMED_RECIPES:
+        upgraded["preset"] = RENAMED_RECIPES[upgraded["preset"]]
     return upgraded
 
 
@@ -117,7 +116,7 @@ class TrainConfig:
     restart: bool = flag(False, "start a new run in an --out-dir that holds an earlier one, replacing the files "
                          "the trainer wrote there (never others)")  # fmt: skip
     # model: the shape of a GPTConfig preset, any field overridden
-    model_preset: str = flag("gpt2", f"model shape: a GPTConfig preset ({', '.join(MODEL_PRESETS)}); gpt2 is "
+    model_preset: str = flag("gpt2", f"model shape: a GPTConfig preset ({', '.join(SHAPES)}); gpt2 is "
                              "GPT-2 124M (--model is its old name)")  # fmt: skip
     n_layer: int = flag(0, "transformer blocks; 0 = the --model-preset's")
     n_head: int = flag(0, "attention heads; 0 = the --model-preset's")
@@ -185,8 +184,8 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}")
 
-        if self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.preset not in RECIPES:
+            raise ValueError(f"--preset must be one of {', '.join(RECIPES)}, got {self.preset!r}")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "seq_len", "micro_batch_size", "warmup_steps"):
             check(getattr(self, name) >= 0, name, "0 or more")
         for name in ("batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches", "checkpoint_interval"):
@@ -211,7 +210,7 @@ class TrainConfig:
         self.gpt_config()  # the shape flags make a model
 
 
-PRESETS: dict[str, dict] = {
+RECIPES: dict[str, dict] = {  # training recipes by --preset name (model shapes: model.SHAPES)
     # TSAI-S12: GPT-2 124M (context 1024) on batches of 32 x 256 tokens, on a T4
     "gpt2-32x256": dict(seq_len=256),
     # the notebook recipe: batches of 4 x 1024
@@ -259,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kwargs["type"] = option.metadata.get("parse") or {"int": int, "float": float}.get(option.type, str)
         if option.name == "preset":
-            kwargs["choices"] = list(PRESETS)
+            kwargs["choices"] = list(RECIPES)
         parser.add_argument(*names, **kwargs)
     parser.add_argument("--model", dest="model_preset", type=parse_old_model_flag, help=argparse.SUPPRESS)
     return parser
@@ -269,7 +268,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     """The configuration, and the flags given explicitly (by field name)."""
     parser = build_parser()
     explicit = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    preset = dict(PRESETS[explicit.get("preset", TrainConfig.preset)])
+    preset = dict(RECIPES[explicit.get("preset", TrainConfig.preset)])
     # a shape asked for trains on its context, unless --seq-len says
     if {"block_size", "model_preset"} & explicit.keys():
         preset.pop("seq_len", None)

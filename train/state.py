@@ -9,14 +9,10 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import outputs
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 log = logging.getLogger("train")
 
@@ -93,32 +89,33 @@ def read_saved(folder: Path) -> SavedRun:
     return SavedRun(folder, torch.load(folder / outputs.STATE_NAME, map_location="cpu", weights_only=True))
 
 
-def training_state(trainer: Trainer) -> dict:
+def training_state(config, progress: Progress, batches, optimizer, scaler, device: torch.device) -> dict:
     """What train_state.pt holds: the settings, the progress, the optimizer and loss scaler, the data position
     and the random state."""
-    p, device = trainer.progress, trainer.machine.device
+    p = progress
     return {
-        "config": dataclasses.asdict(trainer.config),
+        "config": dataclasses.asdict(config),
         "step": p.step,
         "best_val": p.best_val,
         "best_step": p.best_step,
         "elapsed": p.elapsed,
         "history": p.history,
-        "data": trainer.batches.state(),
+        "data": batches.state(),
         "pass": [float(p.pass_sum), p.pass_steps, p.pass_loss],
-        "optimizer": trainer.optimizer.state_dict(),
-        "scaler": trainer.scaler.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def restore(trainer: Trainer, saved: SavedRun) -> None:
-    """Put the trainer where the saved run stopped (its model already holds the checkpoint's weights)."""
-    state, p, machine = saved.state, trainer.progress, trainer.machine
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    trainer.batches.load_state(state["data"])
+def restore(saved: SavedRun, progress: Progress, batches, optimizer, scaler, machine, out_dir: Path) -> None:
+    """Put a run where the saved one stopped: its progress, data position, optimizer, loss scaler and (on the
+    main process) random state and metrics (its model already holds the checkpoint's weights)."""
+    state, p = saved.state, progress
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    batches.load_state(state["data"])
     p.step, p.best_val, p.best_step = state["step"], state["best_val"], state.get("best_step")
     p.elapsed, p.history = state["elapsed"], state["history"]
     pass_sum, p.pass_steps, p.pass_loss = state["pass"]
@@ -127,5 +124,5 @@ def restore(trainer: Trainer, saved: SavedRun) -> None:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] is not None and machine.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], machine.device)
-        outputs.write_metrics(trainer.out_dir, p.history)  # rows after the checkpoint are dropped
+        outputs.write_metrics(out_dir, p.history)  # rows after the checkpoint are dropped
         log.info("resumed from %s at step %d", saved.folder, p.step)

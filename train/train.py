@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(config, machine, plan, weights, saved)
             summary = trainer.train()
             if machine.is_main:
-                publish.finish(trainer, summary)
+                publish.finish(config, trainer.out_dir, trainer.checkpoint_dir, summary, trainer.progress,
+                               upload=not trainer.stop_signal)  # fmt: skip
     except ConfigError as err:  # flags that cannot run together: refused like a bad flag
         build_parser().error(str(err))
     except (outputs.OutputError, DataError, CheckpointError, TokenizerError, Diverged, ValueError) as err:

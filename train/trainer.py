@@ -130,7 +130,7 @@ class Trainer:
         self.progress = Progress(machine.device)
         self.stop_signal = 0
         if saved is not None:
-            state.restore(self, saved)
+            state.restore(saved, self.progress, self.batches, self.optimizer, self.scaler, machine, self.out_dir)
 
     # -- one step
 
@@ -214,14 +214,20 @@ class Trainer:
         best = val is not None and val < p.best_val
         if best:
             p.best_val, p.best_step = val, p.step
-        card, curve = publish.card_and_curve(self, val)
-        saved = state.training_state(self)
+        card, curve = publish.card_and_curve(
+            self.model, self.tokenizer, self.config, self.out_dir, p.history, self.summary(val)
+        )
+        saved = state.training_state(self.config, p, self.batches, self.optimizer, self.scaler, self.machine.device)
         outputs.save_checkpoint(self.checkpoint_dir, outputs.LATEST, self.model, saved, card, curve)
         if best:
             outputs.save_checkpoint(self.checkpoint_dir, outputs.BEST, self.model, saved, card, curve)
         return val
 
     # -- logging and stopping
+
+    def summary(self, val: float | None) -> dict:
+        """The run so far (publish.summary), for the model card and summary.json."""
+        return publish.summary(self.config, self.plan, self.progress, self.machine.hardware(), val)
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -335,5 +341,5 @@ class Trainer:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         best_val = None if p.best_step is None else round(p.best_val, 4)
-        return {**publish.summary(self, val), "reached_target": reached, "reason": reason, "best_val_loss": best_val,
+        return {**self.summary(val), "reached_target": reached, "reason": reason, "best_val_loss": best_val,
                 "best_step": p.best_step}  # fmt: skip

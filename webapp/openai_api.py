@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 import serve
 from model import EOT_TOKEN
+from model.sampling import SETTINGS, SamplingParams
 from model.tokenizer import TextEncoding
 from serve.completions import RunStats
 from serve.probability_view import record
@@ -28,12 +29,12 @@ from serve.probability_view import record
 COMPLETIONS, MODELS = "/v1/completions", "/v1/models"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 # OpenAI's defaults for what it defines (temperature 1, top_p 1) and top_k off: a caller gets what it would get
-# from OpenAI, where the page starts from the app's livelier settings
-DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None}  # a seed of None draws a random one
+# from OpenAI, where the page starts from the app's livelier settings. Every other sampling setting is taken by
+# its name in SamplingParams (repetition_penalty, as vLLM takes it), from what a visitor starts from.
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 MAX_STOPS, MAX_LOGPROBS = 4, 5
-FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stop", "logprobs",
-          "stream_options", "n", "echo", "best_of", "suffix", "user", "presence_penalty", "frequency_penalty",
-          "logit_bias"}  # fmt: skip
+FIELDS = {"model", "prompt", "max_tokens", "seed", "stream", "stop", "logprobs", "stream_options", "n", "echo",
+          "best_of", "suffix", "user", "presence_penalty", "frequency_penalty", "logit_bias", *SETTINGS}  # fmt: skip
 
 
 class CallError(Exception):
@@ -107,10 +108,11 @@ def parse_call(body, model, tokenizer: TextEncoding) -> Call:
     if not isinstance(stream, bool):
         raise CallError(400, "stream must be true or false", "stream")
     max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
-    settings = {name: body.get(name, default) for name, default in DEFAULTS.items()}
+    settings = {name: body.get(name, OPENAI_DEFAULTS.get(name)) for name in (*SETTINGS, "seed")}
     try:
-        request = serve.check_request(model, _prompt(body["prompt"]), max_tokens, tokenizer=tokenizer, **settings)
-    except serve.RequestError as err:
+        params = SamplingParams(**settings, served=True)
+        request = serve.check_request(model, _prompt(body["prompt"]), max_tokens, params, tokenizer)
+    except serve.REFUSED as err:
         message = str(err).replace("max_new_tokens", "max_tokens")
         raise CallError(400, message, message.split()[0] if message.split()[0] in FIELDS else None) from None
     options = body.get("stream_options") or {}

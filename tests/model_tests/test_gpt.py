@@ -154,7 +154,7 @@ def test_cached_chunks_give_the_full_forward_logits(tiny_model, chunks):
         full, _ = tiny_model(idx)
         cache = tiny_model.new_kv_cache()
         for start, end in chunks:
-            last = tiny_model.next_token_logits(idx[:, start:end], cache, input_pos=start)
+            last = tiny_model.next_token_logits(idx[:, start:end], cache, start=start)
             torch.testing.assert_close(last, full[:, end - 1], atol=1e-5, rtol=0)
 
 
@@ -177,6 +177,22 @@ def test_presets():
     assert GPTConfig.from_preset("tiny", n_layer=3, n_head=None).n_layer == 3
     with pytest.raises(ValueError, match="unknown preset 'huge'.*cpu-small"):
         GPTConfig.from_preset("huge")
+
+
+def test_old_names_still_work_saying_so_once(tiny_model):
+    """model.PRESETS (now SHAPES, apart from the trainer's RECIPES) and next_token_logits' input_pos= (now
+    start=) keep working, each with a deprecation warning naming the new spelling."""
+    import model
+
+    with pytest.warns(DeprecationWarning, match="use model.SHAPES"):
+        assert model.PRESETS is model.SHAPES
+    idx = torch.tensor([[5, 6]])
+    with torch.no_grad():
+        expected = tiny_model.next_token_logits(idx, tiny_model.new_kv_cache(), start=0)
+        with pytest.warns(DeprecationWarning, match="input_pos= is deprecated: call it start="):
+            assert torch.equal(tiny_model.next_token_logits(idx, tiny_model.new_kv_cache(), input_pos=0), expected)
+        with pytest.raises(TypeError, match="give start"):
+            tiny_model.next_token_logits(idx, tiny_model.new_kv_cache())
 
 
 def test_a_new_kv_cache_holds_zeros_even_where_freed_memory_held_nan(tiny_model):

@@ -11,6 +11,8 @@ from gradio_client import Client
 
 from model import GPT, generate, load_tokenizer, stream_text
 
+pytestmark = pytest.mark.slow  # an app and a trainer, started as a newcomer would
+
 
 def test_the_network_really_is_blocked(tmp_path):
     probe = "import socket; socket.create_connection(('93.184.215.14', 443), timeout=5)"

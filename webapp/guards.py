@@ -5,7 +5,7 @@ Gradio (6.x) has a global queue size but no per-client limit, accepts calls whos
 function they name (the error surfaces later, as a traceback in the server's log), and runs a `/call/` job
 whose result is never fetched to its end. These guards are ASGI middleware in front of the app (and one
 check in the handler); they read the queue's state (`blocks._queue`) and the app's functions (`blocks.fns`),
-which Gradio does not document: tests/test_app.py and tests/test_public.py fail if a Gradio release
+which Gradio does not document: tests/app_tests/test_app.py and tests/app_tests/test_public.py fail if a Gradio release
 changes them.
 """
 
@@ -155,7 +155,30 @@ class WellFormedCalls:
             log.info("refused a malformed call to %s: %s", path[:80], reason)
             await answer(send, status, reason)
             return
-        await self.app(scope, _replay(body, receive), send)
+        completed = self.completed(path, body)
+        if completed is not body:  # the body grew: say so to whoever reads its length
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+            scope = {**scope, "headers": [*headers, (b"content-length", str(len(completed)).encode())]}
+        await self.app(scope, _replay(completed, receive), send)
+
+    def completed(self, path: str, body: bytes) -> bytes:
+        """body (checked), with the defaults of the trailing parameters a call to a public endpoint leaves off
+        appended: Gradio wants every value, and a call written before a setting was added must still run."""
+        call = json.loads(body)
+        if path.startswith(f"{API}/call/") and not path.startswith(f"{API}/call/v2/"):
+            fn = self._endpoint(_name_in(path, f"{API}/call/"))
+        elif path.startswith(f"{API}/queue/join"):
+            fn = self._fn(call.get("fn_index"))
+        else:
+            return body
+        parameters = self._api().get(f"/{fn.api_name}", []) if fn is not None else []
+        data = call["data"]
+        if fn is None or fn.api_visibility != "public" or len(parameters) != len(fn.inputs):
+            return body
+        if len(data) >= len(parameters):
+            return body
+        call["data"] = [*data, *(p["parameter_default"] for p in parameters[len(data) :])]
+        return json.dumps(call).encode()
 
     def problem(self, path: str, content_type: str, body: bytes) -> tuple[int, str] | None:
         """(status, reason) when body does not fit the function path names, else None."""
@@ -195,10 +218,14 @@ class WellFormedCalls:
 
     def _values(self, fn, data, api: bool = False) -> tuple[int, str] | None:
         inputs = [block for block in fn.inputs if not (api and getattr(block, "skip_api", False))]
-        if len(data) not in (len(inputs), len(fn.inputs)):
+        # a public endpoint's parameters with defaults may be left off the end: a call written before a
+        # setting was added (it comes last) still runs
+        required = self._required(fn) if fn.api_visibility == "public" else len(inputs)
+        if len(data) != len(fn.inputs) and not required <= len(data) <= len(inputs):
             names = self._parameter_names(fn)
             listed = f" ({', '.join(names)})" if names and len(names) == len(inputs) else ""
-            return 422, f'{_label(fn)} takes {len(inputs)} values{listed} in "data", got {len(data)}'
+            takes = f"{len(inputs)}" if required == len(inputs) else f"{required} to {len(inputs)}"
+            return 422, f'{_label(fn)} takes {takes} values{listed} in "data", got {len(data)}'
         if not fn.preprocess or len(data) != len(fn.inputs):
             return None
         for position, (block, value) in enumerate(zip(fn.inputs, data, strict=True)):
@@ -236,6 +263,11 @@ class WellFormedCalls:
             endpoint = f"{API}/call/{fn.api_name}" if fn.api_visibility == "public" else f"{API}/queue/join"
             return 404, f"{_label(fn)} runs in the queue: POST {endpoint}"
         return self._values(fn, call["data"])
+
+    def _required(self, fn) -> int:
+        """How many of a public endpoint's parameters have no default (the first ones)."""
+        parameters = self._api().get(f"/{fn.api_name}", [])
+        return sum(not p["parameter_has_default"] for p in parameters) if parameters else len(fn.inputs)
 
     def _parameter_names(self, fn) -> list[str]:
         return [p["parameter_name"] for p in self._api().get(f"/{fn.api_name}", [])]

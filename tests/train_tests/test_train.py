@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from model import GPT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -38,6 +38,7 @@ BF16_BRANCHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("machine", BF16_BRANCHES)
 def test_loss_falls_and_folder_loads_in_transformers(
     tmp_path, small_text, train_args, run_train, read_metrics, machine
@@ -78,6 +79,7 @@ sys.exit(train.main())
 """
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bit_identical(tmp_path, small_text, train_args, run_train):
     steps = ["--max-steps", "30", "--dropout", "0.1", "--log-interval", "1"]
     straight = run_train(train_args(tmp_path / "a", small_text, *steps))
@@ -119,6 +121,7 @@ train.main()
 """
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, small_text, train_args, run_train):
     script = tmp_path / "dying.py"
     script.write_text(KILL_DURING_SECOND_SAVE.format(root=str(ROOT)))
@@ -134,6 +137,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, small_
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 20
 
 
+@pytest.mark.slow
 def test_target_loss_stops_on_a_full_pass_and_saves(tmp_path, small_text, train_args, run_train):
     result = run_train(train_args(tmp_path, small_text, "--max-steps", "500", "--target-loss", "50"))
     assert result.returncode == 0, result.stderr
@@ -145,6 +149,7 @@ def test_target_loss_stops_on_a_full_pass_and_saves(tmp_path, small_text, train_
     assert GPT.from_pretrained(tmp_path / "out" / "latest").config.n_layer == 2
 
 
+@pytest.mark.slow
 def test_two_process_gloo_torchrun_only_rank0_writes(tmp_path, small_text, train_args, run_train, read_metrics):
     args = train_args(tmp_path, small_text, "--max-steps", "10")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args[1:]]
@@ -156,6 +161,7 @@ def test_two_process_gloo_torchrun_only_rank0_writes(tmp_path, small_text, train
     assert GPT.from_pretrained(tmp_path / "out" / "latest").config.n_head == 2
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_the_best_checkpoint_and_only_model_files(
     tmp_path, small_text, train_args, monkeypatch, capsys, caplog
 ):
@@ -359,6 +365,7 @@ def test_a_url_given_to_data_is_downloaded_once_into_the_cache(tmp_path, monkeyp
         data.find_texts("https://example.org/new.txt", str(tmp_path))
 
 
+@pytest.mark.slow
 def test_missing_and_too_short_data_fail_clearly(tmp_path, train_args, run_train):
     missing = run_train(train_args(tmp_path, tmp_path / "nope.txt"))
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
@@ -433,6 +440,7 @@ def test_sagemaker_checkpoints_survive_a_spot_restart(
     assert rows == sorted(set(rows)) and rows[-1] == 10
 
 
+@pytest.mark.slow
 def test_label_smoothing_keeps_probability_for_tokens_the_text_never_uses(tmp_path, small_text, train_args, run_train):
     from model.tokenizer import load_tokenizer
 

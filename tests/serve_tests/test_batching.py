@@ -15,7 +15,8 @@ from model import GPT, GPTConfig, SamplingParams, generate
 from model import sampling as sampling_module
 from serve import Scheduler
 from serve.decoding import DecodeBatch
-from serve.inference import int8_supported, quantize_int8
+from serve.inference import int8_supported
+from serve.kernels import quantize_int8
 
 # (prompt, max_new_tokens, settings) of requests that differ in every way a visitor can make them differ
 REQUESTS = [
@@ -100,12 +101,14 @@ def batch_and_solo_logits(model: GPT) -> tuple[list[torch.Tensor], torch.Tensor]
 @pytest.mark.parametrize("prompt_length", [63, 64])
 def test_a_batched_row_shifts_its_context_exactly_where_generate_does(int8_model, prompt_length):
     """Rows decoded together well past the 64-token context (each shift keeps the last half and goes on), token
-    for token against generate(): a row shifting one token early or late writes other tokens from there."""
+    for token against generate(): a row shifting one token early or late writes other tokens from there, and a
+    repetition penalty reads the same window in both."""
     block_size = int8_model.config.block_size
-    requests = [(list(range(2000, 2000 + prompt_length)), SamplingParams(0.0, seed=1)),
-                (list(range(3000, 3000 + prompt_length)), SamplingParams(0.9, top_k=40, seed=2))]  # fmt: skip
+    settings = [SamplingParams(0.0, seed=1), SamplingParams(0.9, top_k=40, seed=2),
+                SamplingParams(0.0, seed=3, repetition_penalty=1.3)]  # fmt: skip
+    requests = [(list(range(2000 + 1000 * i, 2000 + 1000 * i + prompt_length)), s) for i, s in enumerate(settings)]
     expected = [list(generate(int8_model, prompt, 2 * block_size, params=params)) for prompt, params in requests]
-    with Scheduler(int8_model, max_batch=2) as scheduler:
+    with Scheduler(int8_model, max_batch=3) as scheduler:
         streams = [scheduler.generate(prompt, 2 * block_size, params) for prompt, params in requests]
         together = [[] for _ in requests]
         for _ in range(2 * block_size):  # read in step, so the two rows are decoded together throughout

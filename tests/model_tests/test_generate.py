@@ -40,6 +40,38 @@ def test_greedy_matches_transformers_generate(hf_gpt2, make_varied, tmp_path):
     assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-3
 
 
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_the_repetition_penalty_is_transformers_logits_processor(penalty):
+    """penalize_repetition changes the logits exactly as RepetitionPenaltyLogitsProcessor does, repeated ids
+    and negative logits included."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from model.sampling import penalize_repetition
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1000, generator=generator) * 3
+    seen = [5, 17, 17, 999, 0, 5, 400]
+    theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([seen]), logits[None].clone())[0]
+    assert torch.equal(penalize_repetition(logits, seen, penalty), theirs)
+    assert not torch.equal(theirs, logits) and torch.equal(penalize_repetition(logits, seen, 1.0), logits)
+
+
+def test_greedy_with_a_repetition_penalty_matches_transformers_generate(hf_gpt2, make_varied, tmp_path):
+    """Within the context (the whole text is the window), greedy decoding with repetition_penalty writes what
+    transformers' generate writes with the same penalty, and not what it writes without one."""
+    config = GPTConfig.from_preset("tiny")
+    hf = make_varied(hf_gpt2(config, std=0.3))
+    hf.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(tmp_path / "hf")
+    prompt = torch.tensor([PROMPT])
+    with torch.no_grad():
+        expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                               repetition_penalty=1.5, pad_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)  # fmt: skip
+    ours = list(generate(model, PROMPT, 40, temperature=0, repetition_penalty=1.5))
+    assert ours == expected[0, len(PROMPT) :].tolist()
+    assert ours != list(generate(model, PROMPT, 40, temperature=0))
+
+
 @pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT], ids=["short-prompt", "prompt-longer-than-context"])
 def test_kv_cache_matches_full_recomputation_across_the_context_limit(varied_model, greedy_by_recomputation, prompt):
     block_size = varied_model.config.block_size

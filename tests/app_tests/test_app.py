@@ -17,7 +17,7 @@ from launch import api_events, app_env, free_port, timed_generate
 from model import EOT_TOKEN, GPT, CheckpointError, GPTConfig, generate, load_tokenizer, stream_text
 from serve import load_for_inference, precision_of
 
-PARAMETERS = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"]
+PARAMETERS = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "repetition_penalty"]
 BLOCK_SIZE = 64  # the tiny preset's context
 
 
@@ -82,7 +82,7 @@ def test_three_public_endpoints_with_named_parameters(client):
     for name, returns in zip(names, (1, 2, 1), strict=True):
         parameters = api["named_endpoints"][name]["parameters"]
         assert [p["parameter_name"] for p in parameters] == PARAMETERS
-        assert [p["parameter_has_default"] for p in parameters] == [False] + [True] * 5
+        assert [p["parameter_has_default"] for p in parameters] == [False] + [True] * 6
         assert len(api["named_endpoints"][name]["returns"]) == returns
 
 
@@ -173,10 +173,20 @@ def test_a_refused_request_logs_one_line_not_a_traceback(client, app):
 
 
 def test_too_few_arguments_are_refused_with_a_4xx(client, url):
-    """A call with the wrong number of values is refused at once, saying how many /generate takes."""
-    answer = httpx.post(f"{url}/gradio_api/call/generate", json={"data": ["ROMEO:", 12]}, timeout=30)
-    assert answer.status_code == 422 and "takes 6 values" in answer.json()["detail"]
+    """A call with no values is refused at once, saying how many /generate takes."""
+    answer = httpx.post(f"{url}/gradio_api/call/generate", json={"data": []}, timeout=30)
+    assert answer.status_code == 422 and "takes 1 to 7 values" in answer.json()["detail"]
     assert greedy(client).startswith("ROMEO:")
+
+
+def test_a_raw_call_written_before_the_last_setting_was_added_still_runs(url, reference):
+    """A plain-HTTP call with six values (as before repetition_penalty came last) runs with its default, 1: the
+    app fills in what a call leaves off the end, which Gradio alone would refuse with a traceback."""
+    six = raw_call(url, json.dumps({"data": ["ROMEO:", 12, 0, 0, 1.0, -1]}))
+    seven = raw_call(url, json.dumps({"data": ["ROMEO:", 12, 0, 0, 1.0, -1, 1.0]}))
+    assert six == seven == ("complete", [expected(reference, "ROMEO:", 12, temperature=0)])
+    prompt_only = raw_call(url, json.dumps({"data": ["ROMEO:"]}))
+    assert prompt_only[0] == "complete" and prompt_only[1][0].startswith("ROMEO:")
 
 
 def test_long_prompt_keeps_its_last_block_size_tokens_and_says_so(client, reference):
@@ -218,6 +228,7 @@ def test_model_panel_shows_source_parameters_losses_and_curve(url, tiny_folder, 
     assert sliders["Max new tokens"]["maximum"] == BLOCK_SIZE and sliders["Max new tokens"]["value"] == BLOCK_SIZE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["missing", "corrupt"])
 def test_unloadable_model_stops_start_up_with_a_message(tmp_path, kind):
     source = tmp_path / "nothing-here"
@@ -232,6 +243,7 @@ def test_unloadable_model_stops_start_up_with_a_message(tmp_path, kind):
     assert "--model" in result.stderr and "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_defaults_follow_the_environment(monkeypatch):
     import app
 
@@ -278,6 +290,7 @@ def alone_and_beside_three_others(client: Client, subject: tuple) -> tuple[str, 
         return alone, [job.result() for job in jobs][-1]
 
 
+@pytest.mark.slow
 def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tiny_folder):
     """The default CPU path (int8) serves generate()'s greedy text; with --max-batch 4 a seeded request
     gives the same text alone and while 3 others of other lengths and settings run beside it."""
@@ -298,6 +311,7 @@ def test_default_precision_on_the_cpu_is_int8_and_serves_its_own_greedy_text(tin
     check_records(records, served, subject[0], text, 0.02)  # the int8 model's own plain forward pass
 
 
+@pytest.mark.slow
 def test_the_app_answers_at_once_and_switches_to_the_compiled_step_between_requests(tiny_folder, wait_until):
     """By default (the CPU) the app answers before the decoding step is compiled, serving eagerly, and
     switches when it is ready; then a seeded request gives the same text alone and beside 3 others."""
@@ -337,12 +351,13 @@ def test_zero_seconds_are_accepted(flag):
     assert getattr(app.parse_args([flag, "0"]), flag[2:].replace("-", "_")) == 0.0
 
 
+@pytest.mark.slow
 def test_one_client_cannot_fill_the_queue_and_unread_work_stops(tmp_path, wait_until):
     """A client with --max-per-client jobs waiting or running is refused more (HTTP 429, saying why); a
     /call/ job whose result nobody fetches stops early instead of running to its end; then the client
     is served again. Decoding is held while the six calls are made, so none of the first three can end (and
     free a place) before the last is answered, however fast or busy the machine."""
-    from test_public import held_decoding
+    from app_server import held_decoding
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", block_size=256))  # room for long generations
@@ -484,6 +499,21 @@ def test_a_seeded_openai_call_gives_generates_text_plain_and_streamed(openai_cli
     assert "".join(chunk.choices[0].text for chunk in chunks) == plain
     assert [chunk.choices[0].finish_reason for chunk in chunks][-1] == "length"
     assert all(chunk.choices[0].finish_reason is None for chunk in chunks[:-1]) and len(chunks) > 2
+
+
+def test_a_repetition_penalty_is_the_last_setting_of_generate_and_reaches_the_openai_route(
+    client, openai_client, reference
+):
+    """repetition_penalty comes last (gradio_client calls are positional): through /generate, /v1/completions
+    (by name) and the library alike, greedy text with a penalty of 1.5 is generate()'s with it."""
+    with_penalty = expected(reference, "ROMEO:", 40, temperature=0, repetition_penalty=1.5)
+    assert with_penalty != expected(reference, "ROMEO:", 40, temperature=0)
+    assert client.predict("ROMEO:", 40, 0, 0, 1.0, -1, 1.5, api_name="/generate") == with_penalty
+    answer = openai_client.completions.create(model="any", prompt="ROMEO:", max_tokens=40, temperature=0,
+                                              extra_body={"repetition_penalty": 1.5})  # fmt: skip
+    assert "ROMEO:" + answer.choices[0].text == with_penalty
+    with pytest.raises(AppError, match="repetition_penalty must be a number from 1 to 2"):
+        client.predict("ROMEO:", 4, 0, 0, 1.0, -1, 3, api_name="/generate")
 
 
 def test_a_stream_ends_with_done_and_its_usage_when_asked(url):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, SamplingParams, generate, load_tokenizer, render_model_card, stream_text
-from serve import ModelFacts, RequestError, Scheduler, check_request, model_facts, stream_completion
+from serve import REFUSED, ModelFacts, Scheduler, check_request, model_facts, stream_completion
 
 SEED_MAX = SamplingParams.SEED_MAX
 
@@ -26,8 +26,11 @@ def scheduler(tiny):
 
 
 def request(model, **changes):
+    """A request checked as the app checks one: its sampling settings by SamplingParams(served=True), the rest by
+    check_request."""
     arguments = dict(prompt="ROMEO:", max_new_tokens=10, temperature=0.8, top_k=50, top_p=1.0, seed=1) | changes
-    return check_request(model, **arguments)
+    prompt, max_new_tokens = arguments.pop("prompt"), arguments.pop("max_new_tokens")
+    return check_request(model, prompt, max_new_tokens, SamplingParams(**arguments, served=True))
 
 
 def test_json_numbers_are_normalised(tiny):
@@ -46,15 +49,15 @@ def test_a_random_seed_is_drawn_and_recorded(tiny, seed):
 
 @pytest.mark.parametrize(
     "name, value",
-    [("max_new_tokens", math.nan), ("temperature", math.inf), ("top_p", -math.inf), ("top_k", None), ("seed", 10**400)],
+    [("max_new_tokens", math.nan), ("temperature", math.inf), ("top_p", -math.inf), ("top_k", "50"), ("seed", 10**400)],
 )
 def test_non_finite_huge_and_missing_numbers_are_refused(tiny, name, value):
-    with pytest.raises(RequestError, match=f"{name} must be"):
+    with pytest.raises(REFUSED, match=f"{name} must be"):
         request(tiny, **{name: value})
 
 
 def test_errors_never_echo_a_huge_value(tiny):
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(REFUSED) as error:
         request(tiny, temperature="x" * 10_000)
     assert len(str(error.value)) < 200
 
@@ -246,7 +249,8 @@ def test_each_row_has_its_own_probabilities_in_a_batch(peaked):
 def test_int8_probabilities_match_a_plain_forward_pass_within_two_hundredths(peaked):
     """On the default CPU path (int8 weights) the cached, batched decoder's probabilities stay within 0.02 of a
     plain forward pass of the same int8 model over the same tokens."""
-    from serve.inference import int8_supported, quantize_int8
+    from serve.inference import int8_supported
+    from serve.kernels import quantize_int8
 
     if not int8_supported():
         pytest.skip("this PyTorch build has no fbgemm int8 kernels")

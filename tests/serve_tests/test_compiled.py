@@ -11,7 +11,8 @@ import torch
 from model import GPT, GPTConfig, SamplingParams, generate
 from model.gpt import ATTENTION_BLOCK, DecodeRows
 from serve import CompiledDecoding, Scheduler, batching
-from serve.inference import int8_supported, quantize_int8
+from serve.inference import int8_supported
+from serve.kernels import quantize_int8
 
 # a context of three attention blocks, so rows of one step read different numbers of blocks
 CONFIG = GPTConfig.from_preset("tiny", block_size=3 * ATTENTION_BLOCK)
@@ -32,7 +33,7 @@ def int8_model(perturb, make_varied):
 
 @pytest.fixture(scope="module")
 def compiled(int8_model):
-    """The int8 model's decoding step compiled once (about 30 s on a 2-core CPU), not yet installed."""
+    """The int8 model's decoding step compiled once (about 30 s on a 2-core CPU), handed to no decoder yet."""
     decoding = CompiledDecoding(int8_model)
     assert decoding.compile(), decoding.failed
     return decoding
@@ -85,6 +86,7 @@ def test_the_eager_batched_step_matches_the_row_by_row_step(precision, int8_mode
         assert torch.equal(together[row], alone[row]) or precision == "fp32", row
 
 
+@pytest.mark.slow
 def test_the_compiled_step_matches_the_eager_one_and_is_bit_identical_per_row(int8_model, compiled):
     alone, together = alone_and_together(compiled.next_token_logits, int8_model)
     eager = [step(int8_model.next_token_logits, int8_model, [i])[0] for i in range(3)]
@@ -98,18 +100,23 @@ def test_the_compiled_step_matches_the_eager_one_and_is_bit_identical_per_row(in
         assert torch.equal(compiled.next_token_logits(chunk, cache, 0), int8_model.next_token_logits(chunk, cache, 0))
 
 
+@pytest.mark.slow
 def test_the_scheduler_switches_between_requests_and_a_seeded_answer_is_the_same_alone_and_together(
     int8_model, compiled
 ):
-    """A scheduler given the compiled step installs it before its first request; then each seeded request
-    gives generate()'s tokens (now compiled too) though they run together."""
+    """A scheduler given the compiled step hands it to its decoder before its first request (the model's own
+    step untouched); then each seeded request gives generate()'s tokens with the same step, though they run
+    together."""
     requests = [(PROMPTS[i], 30, SamplingParams(0.9, top_k=20, seed=i)) for i in range(3)]
     eager_first = list(generate(int8_model, *requests[2][:2], params=requests[2][2]))
+    eager = int8_model.next_token_logits
     with Scheduler(int8_model, max_batch=4, compiled=compiled) as scheduler:
         streams = [scheduler.generate(*request) for request in requests]
         together = [list(stream) for stream in streams]
-    assert int8_model.next_token_logits == compiled.next_token_logits  # installed
-    alone = [list(generate(int8_model, prompt, n, params=params)) for prompt, n, params in requests]
+        assert scheduler._batch.step == compiled.next_token_logits  # handed to the decoder
+    assert int8_model.next_token_logits == eager
+    step = compiled.next_token_logits
+    alone = [list(generate(int8_model, prompt, n, params=params, step=step)) for prompt, n, params in requests]
     assert together == alone
     assert eager_first[:5] == alone[2][:5]  # rounding apart: the same first tokens, not necessarily all
 
@@ -137,33 +144,35 @@ def test_a_compiler_that_fails_leaves_decoding_eager_with_one_log_line(monkeypat
 
 
 def test_a_compiled_step_that_fails_while_serving_hands_back_to_eager(monkeypatch, caplog, perturb):
-    """An installed step that raises (an Inductor runtime error) gives the eager step's logits for that call,
+    """A compiled step that raises (an Inductor runtime error) gives the eager step's logits for that call,
     one log line, and the eager step for every call after."""
     torch.manual_seed(0)
     model = perturb(GPT(CONFIG)).eval()
     eager = model.next_token_logits
     decoding = CompiledDecoding(model)
-    decoding.install()
+    calls = []
 
     def broken(*args):
+        calls.append(args)
         raise RuntimeError("CppCompileError: C++ compile error\nmore detail")
 
     monkeypatch.setattr(decoding, "_step", broken)
     expected = step(eager, model, [0, 1, 2])
     with caplog.at_level(logging.WARNING, logger="serve.compiled"):
-        got = step(model.next_token_logits, model, [0, 1, 2])
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-    assert model.next_token_logits == eager
+        for _ in range(2):
+            got = step(decoding.next_token_logits, model, [0, 1, 2])
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert len(calls) == 1 and decoding.broken and model.next_token_logits == eager
     assert [record.getMessage() for record in caplog.records] == [
         "the compiled decoding step failed, decoding goes on eagerly (RuntimeError: CppCompileError: C++ compile error)"
     ]
 
 
 class FakeCompile:
-    """Stands in for CompiledDecoding's compiler to pin when the scheduler starts and installs it."""
+    """Stands in for CompiledDecoding's compiler to pin when the scheduler starts it and takes its step."""
 
-    def __init__(self, batch_events: list[str]) -> None:
-        self.events, self.started = batch_events, False
+    def __init__(self, batch_events: list[str], model: GPT) -> None:
+        self.events, self.started, self.model = batch_events, False, model
         self.ready = threading.Event()
 
     def start(self, on_ready) -> None:
@@ -172,8 +181,10 @@ class FakeCompile:
         self.ready.set()
         on_ready()
 
-    def install(self) -> None:
+    @property
+    def next_token_logits(self):
         self.events.append("install")
+        return self.model.next_token_logits
 
 
 def test_the_scheduler_compiles_only_once_idle_and_switches_only_between_requests(monkeypatch, wait_until):
@@ -183,7 +194,7 @@ def test_the_scheduler_compiles_only_once_idle_and_switches_only_between_request
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny")).eval()
     events: list[str] = []
-    compiler = FakeCompile(events)
+    compiler = FakeCompile(events, model)
     with Scheduler(model, max_batch=2, compiled=compiler) as scheduler:
         for _ in range(4):  # back-to-back requests, each shorter than the idle time
             events.append("request")

@@ -8,8 +8,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model import generate
-from model.sampling import SamplingError, SamplingParams, checked_number, sample_token
-from serve import policy
+from model.sampling import SETTINGS, SamplingError, SamplingParams, checked_number, sample_token
 
 PROMPT = [464, 3290, 373, 257]
 VOCAB = 12
@@ -238,9 +237,8 @@ def test_generate_defaults_are_sampling_params_defaults(tiny_model):
     assert default == list(generate(tiny_model, PROMPT, 8, params=SamplingParams(seed=5)))
     assert default == list(generate(tiny_model, PROMPT, 8, temperature=0.8, top_k=0, top_p=1.0, seed=5))
     assert default != list(generate(tiny_model, PROMPT, 8, temperature=2.0, seed=5))
-    for off in (dict(top_k=None), dict(top_p=None)):
-        with pytest.raises(SamplingError):
-            generate(tiny_model, PROMPT, 8, **off)
+    for left_out in (dict(top_k=None), dict(top_p=None), dict(repetition_penalty=None)):  # None: the default
+        assert default == list(generate(tiny_model, PROMPT, 8, seed=5, **left_out))
     with pytest.raises(TypeError, match="not both"):
         generate(tiny_model, PROMPT, 8, params=SamplingParams(seed=5), seed=5)
 
@@ -256,11 +254,13 @@ def test_prompt_ids_cover_the_whole_vocabulary(tiny_model):
 
 
 def test_defaults_and_off_values():
-    """The defaults: temperature 0.8, top_k 0 (off), top_p 1 (off); what the app serves and starts from."""
+    """The defaults: temperature 0.8, top_k 0 (off), top_p 1 (off), repetition_penalty 1 (off); what an app serves
+    and what its visitors start from (top_k 50)."""
     params = SamplingParams(seed=1)
-    assert (params.temperature, params.top_k, params.top_p, params.seed) == (0.8, 0, 1.0, 1)
-    assert policy.default_params(seed=1) == SamplingParams(0.8, 50, 1.0, 1)
-    assert policy.SERVED_RANGES == {"temperature": (0.0, 2.0), "top_k": (0, 200), "top_p": (0.05, 1.0)}
+    assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (0.8, 0, 1.0, 1.0)
+    assert SamplingParams(seed=1, served=True) == SamplingParams(0.8, 50, 1.0, 1, 1.0)
+    served = {name: setting.served for name, setting in SETTINGS.items()}
+    assert served == {"temperature": (0.0, 2.0), "top_k": (0, 200), "top_p": (0.05, 1.0), "repetition_penalty": (1, 2)}
 
 
 @pytest.mark.parametrize(
@@ -314,6 +314,7 @@ def test_shown_values_of_exactly_40_characters_are_kept_whole():
         (dict(seed=-1), f"seed must be blank, -1 (random) or a whole number from 0 to {2**63 - 1}; got -1"),
         (dict(seed=2**63), f"seed must be blank, -1 (random) or a whole number from 0 to {2**63 - 1}; got {2**63}"),
         (dict(seed=1.5), f"seed must be blank, -1 (random) or a whole number from 0 to {2**63 - 1}; got 1.5"),
+        (dict(repetition_penalty=0), "repetition_penalty must be a finite number > 0 (1 = off); got 0"),
     ],
 )
 def test_sampling_params_refuse_out_of_range_values(changes, message):
@@ -345,24 +346,29 @@ def test_sampling_params_accept_their_range_ends():
         (dict(seed=-2), "seed must be blank, -1 (random) or a whole number from 0 to"),
         (dict(seed=True), "seed must be blank, -1 (random) or a whole number from 0 to"),
         (dict(seed="-1"), "seed must be blank, -1 (random) or a whole number from 0 to"),
+        (dict(repetition_penalty=0.99), "repetition_penalty must be a number from 1 to 2 (1 = off); got 0.99"),
+        (dict(repetition_penalty=2.01), "repetition_penalty must be a number from 1 to 2 (1 = off); got 2.01"),
     ],
 )
 def test_served_ranges_are_enforced_with_their_message(changes, message):
-    """policy.params_from_request refuses values outside SERVED_RANGES, saying the served range."""
+    """SamplingParams(served=True) refuses values outside the served ranges, saying the served range."""
     settings = dict(temperature=0.8, top_k=50, top_p=1.0, seed=1) | changes
     with pytest.raises(SamplingError) as error:
-        policy.params_from_request(**settings)
+        SamplingParams(**settings, served=True)
     assert str(error.value).startswith(message)
 
 
 def test_served_accepts_its_range_ends_and_random_seeds():
-    """params_from_request accepts both ends of each range; None, -1 and -1.0 draw a random seed, 0 is seed 0."""
-    low = policy.params_from_request(0, 0, 0.05, 0)
-    high = policy.params_from_request(2, 200, 1, SamplingParams.SEED_MAX)
-    assert (low.temperature, low.top_k, low.top_p, low.seed) == (0.0, 0, 0.05, 0)
+    """Served settings accept both ends of each range; None, -1 and -1.0 draw a random seed, 0 is seed 0; a
+    setting left None is what a visitor starts from."""
+    low = SamplingParams(0, 0, 0.05, 0, 1, served=True)
+    high = SamplingParams(2, 200, 1, SamplingParams.SEED_MAX, 2, served=True)
+    assert (low.temperature, low.top_k, low.top_p, low.seed, low.repetition_penalty) == (0.0, 0, 0.05, 0, 1.0)
     assert (high.temperature, high.top_k, high.top_p, high.seed) == (2.0, 200, 1.0, 2**63 - 1)
     for seed in (None, -1, -1.0):
-        assert len({policy.params_from_request(1, 1, 1, seed).seed for _ in range(4)}) == 4
+        assert len({SamplingParams(1, 1, 1, seed, served=True).seed for _ in range(4)}) == 4
+    left_out = SamplingParams(seed=3, served=True)
+    assert [getattr(left_out, name) for name in SETTINGS] == [setting.start for setting in SETTINGS.values()]
 
 
 # -- serve/completions.py: the request checks in front of the sampler
@@ -433,12 +439,12 @@ def test_check_request_builds_the_request(tiny_gpt):
     from serve.completions import check_request
 
     tokenizer = CountingTokenizer()
-    request = check_request(tiny_gpt, "ROMEO:", 64.0, 1.5, 7, 0.5, 3, tokenizer=tokenizer)
+    request = check_request(tiny_gpt, "ROMEO:", 64.0, SamplingParams(1.5, 7, 0.5, 3, served=True), tokenizer)
     assert request.prompt == "ROMEO:" and request.prompt_ids == [ord(c) for c in "ROMEO:"] and tokenizer.calls == 1
     assert request.context == tiny_gpt.config.block_size == 64
     assert request.max_new_tokens == 64 and type(request.max_new_tokens) is int
     assert request.params == SamplingParams(1.5, 7, 0.5, 3) and request.seed == 3
-    assert check_request(tiny_gpt, "ROMEO:", 1, 0, 0, 1, None).max_new_tokens == 1
+    assert check_request(tiny_gpt, "ROMEO:", 1, SamplingParams(served=True)).max_new_tokens == 1
 
 
 @pytest.mark.parametrize(
@@ -454,10 +460,13 @@ def test_check_request_builds_the_request(tiny_gpt):
     ],
 )
 def test_check_request_refuses_each_setting_with_its_message(tiny_gpt, changes, message):
-    """Each out-of-range request setting is refused with a message naming it and its served range."""
-    from serve.completions import RequestError, check_request
+    """Each out-of-range request setting is refused with a message naming it and its served range, by
+    check_request (the prompt, max_new_tokens) or by SamplingParams(served=True) (the sampling settings): what
+    a front end answers the caller with (serve.REFUSED)."""
+    from serve.completions import REFUSED, check_request
 
     arguments = dict(prompt="ROMEO:", max_new_tokens=10, temperature=0.8, top_k=50, top_p=1.0, seed=1) | changes
-    with pytest.raises(RequestError) as error:
-        check_request(tiny_gpt, **arguments, tokenizer=CountingTokenizer())
+    prompt, max_new_tokens = arguments.pop("prompt"), arguments.pop("max_new_tokens")
+    with pytest.raises(REFUSED) as error:
+        check_request(tiny_gpt, prompt, max_new_tokens, SamplingParams(**arguments, served=True), CountingTokenizer())
     assert str(error.value).startswith(message)

@@ -1,11 +1,12 @@
-"""serve/inference.py Int8Linear semantics: one symmetric int8 scale per output row (max |w| / 127),
+"""serve/kernels.py Int8Linear semantics: one symmetric int8 scale per output row (max |w| / 127),
 checked by the error it leaves on rows of very different sizes and against an exact reference."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from serve.inference import Int8Linear, int8_supported, quantize_int8
+from serve.inference import int8_supported
+from serve.kernels import Int8Linear, quantize_int8
 
 pytestmark = pytest.mark.skipif(not int8_supported(), reason="this PyTorch build has no fbgemm int8 kernels")
 

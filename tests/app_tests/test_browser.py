@@ -1,6 +1,6 @@
 """The app in a real browser: Debian's Chromium driven by Playwright, as a visitor uses the page.
 
-Run as a script, it takes the screenshots in assets/: python tests/test_browser.py [--model assets]."""
+Run as a script, it takes the screenshots in assets/: python tests/app_tests/test_browser.py [--model assets]."""
 
 import argparse
 import contextlib
@@ -19,9 +19,12 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"]
 TIMEOUT_MS = 60_000
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
+]
 
 
 def launch(playwright):
@@ -44,7 +47,7 @@ def served(tiny_folder, tmp_path_factory):
 def hold(tmp_path_factory):
     """The app's environment and the file that holds its decoding while it exists (test_public's held_decoding):
     a run started then has shown its first token and streams on when the file goes, however fast the machine."""
-    from test_public import held_decoding
+    from app_server import held_decoding
 
     return held_decoding(tmp_path_factory.mktemp("held"))
 

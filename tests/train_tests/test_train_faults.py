@@ -26,7 +26,7 @@ from train.machine import Machine
 from train.plan import ConfigError, make_plan
 from train.trainer import Trainer, build_model, prepare
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs train/train.py's main() with hooks set by environment variables: LATE_RANK sleeps LATE_SECONDS before
 # starting on that rank; STEPPING gets a + as each step starts; AFTER_STEP then sends SIGTERM to itself once
@@ -107,6 +107,7 @@ def state_step(folder: Path) -> int:
 # -- 1. an earlier run in the folder
 
 
+@pytest.mark.slow
 def test_new_run_into_an_earlier_run_is_refused_and_restart_keeps_user_files(
     tmp_path, small_text, cache, tiny_flags, read_metrics
 ):
@@ -135,6 +136,7 @@ def test_new_run_into_an_earlier_run_is_refused_and_restart_keeps_user_files(
 # -- 2. --resume restores the run's own settings
 
 
+@pytest.mark.slow
 def test_resume_restores_the_runs_own_configuration(
     tmp_path, small_text, cache, wrapper, tiny_flags, run_train, read_metrics, shakespeare
 ):
@@ -171,6 +173,7 @@ def test_resume_restores_the_runs_own_configuration(
     assert_no_repeated_rows(read_metrics(out))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_under_the_old_names_resumes(tmp_path, small_text, cache, tiny_flags):
     """train_state.pt written before the renames (the `model` field, the recipe-b preset, the data position's
     `epoch`) resumes, and is saved again under today's names."""
@@ -193,6 +196,7 @@ def test_a_checkpoint_saved_under_the_old_names_resumes(tmp_path, small_text, ca
 # -- 3. divergence
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     tmp_path, small_text, cache, tiny_flags, run_train, train_script
 ):
@@ -342,6 +346,7 @@ def test_the_plan_names_every_flag_that_does_not_fit_in_one_error():
 # -- 6. writes: the lock, a cut swap, a full disk
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_folder_is_refused_naming_the_holder(tmp_path, small_text, cache, wrapper, tiny_flags):
     out, ready, go = tmp_path / "out", tmp_path / "ready", tmp_path / "go"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AFTER_STEP": "6", "THEN": "pause", "READY": str(ready), "GO": str(go)}
@@ -365,6 +370,7 @@ def test_a_second_trainer_on_the_folder_is_refused_naming_the_holder(tmp_path, s
     assert state_step(out / "latest") == 8
 
 
+@pytest.mark.slow
 def test_a_swap_cut_between_its_renames_is_repaired_on_resume(tmp_path, small_text, cache, tiny_flags, read_metrics):
     out = tmp_path / "out"
     args = tiny_flags(out, small_text, cache, "--max-steps", "6", "--checkpoint-interval", "3")
@@ -437,6 +443,7 @@ def assert_stopped_for_space_keeping(out: Path, result_stderr: str, step: int) -
     assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".old")) or ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint(small_disk, small_text, cache, tiny_flags, run_train, train_script):
     out = small_disk / "out"
     args = ["--max-steps", "10", "--checkpoint-interval", "5", "--log-interval", "1"]
@@ -460,6 +467,7 @@ def test_a_full_disk_met_by_the_metrics_log_is_a_message_not_a_traceback(
     assert isinstance(message, str) and f"no space left on the device at {tmp_path / 'out'};" in message, message
 
 
+@pytest.mark.slow
 def test_a_disk_filled_mid_run_keeps_the_checkpoint_and_resumes(
     small_disk, small_text, cache, wrapper, tmp_path, tiny_flags, read_metrics
 ):
@@ -492,6 +500,7 @@ def test_a_disk_filled_mid_run_keeps_the_checkpoint_and_resumes(
 # -- 7. kills at random moments
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(
     tmp_path, small_text, cache, wrapper, tiny_flags, read_metrics
 ):
@@ -589,6 +598,7 @@ def test_held_out_loss_and_mfu_do_not_depend_on_the_number_of_processes(
     assert rows[0]["mfu"] == round(1e6 * 8 * 32 / 1e12, 4) and rows[1]["mfu"] == round(1e6 * 8 * 32 / 2 / 1e12, 4)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_one_late_stop_on_the_time_budget(
     tmp_path, small_text, cache, wrapper, tiny_flags, run_train, read_metrics
 ):

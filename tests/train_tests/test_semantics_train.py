@@ -17,7 +17,7 @@ from train.data import Batches, DataError, split_held_out, windows
 from train.machine import Machine
 from train.trainer import Trainer, lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_MACHINE = Machine(torch.device("cpu"), None, False)
 
 
@@ -312,6 +312,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_step_like_one_on_the_whole_batch(tmp_path, small_text):
     """Under torchrun with 2 gloo processes each takes its half; the step equals one process's on the whole batch."""
     config = tiny_train_config(small_text, tmp_path / "single", grad_clip=0.0)
