@@ -438,7 +438,7 @@ def test_an_mcp_client_gets_whole_descriptions_text_json_and_refusals(url, refer
     from mcp import ClientSession
     from mcp.client.streamable_http import streamable_http_client
 
-    import app as app_module
+    from webapp.generation import PARAMETERS as DESCRIPTIONS
 
     greedy_call = {"prompt": "ROMEO:", "max_new_tokens": 20, "temperature": 0, "top_k": 0}
 
@@ -461,7 +461,7 @@ def test_an_mcp_client_gets_whole_descriptions_text_json_and_refusals(url, refer
         properties = tool.inputSchema["properties"]
         assert set(PARAMETERS) <= set(properties) and tool.inputSchema.get("required") == ["prompt"]
         for name in PARAMETERS:  # whole: the full sentence, the end of a wrapped description included
-            assert properties[name]["description"] == app_module.PARAMETERS[name]
+            assert properties[name]["description"] == DESCRIPTIONS[name]
     assert "1.2 wanders" in tools["generate"].inputSchema["properties"]["temperature"]["description"]
     assert not text.isError and text.content[0].text == expected(reference, "ROMEO:", 20, temperature=0)
     answer = json.loads(with_probabilities.content[0].text)  # JSON an agent can parse, not a Python repr
