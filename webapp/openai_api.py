@@ -107,7 +107,7 @@ def parse_call(body, model, tokenizer: TextEncoding) -> Call:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise CallError(400, "stream must be true or false", "stream")
-    max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
+    max_tokens = DEFAULT_MAX_TOKENS if body.get("max_tokens") is None else body["max_tokens"]  # null: OpenAI's 16
     settings = {name: body.get(name, OPENAI_DEFAULTS.get(name)) for name in (*SETTINGS, "seed")}
     try:
         params = SamplingParams(**settings, served=True)

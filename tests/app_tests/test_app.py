@@ -488,7 +488,11 @@ def test_an_openai_completion_is_the_continuation_generate_writes(openai_client,
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, 12)
     assert answer.usage.total_tokens == prompt_tokens + 12
     default = openai_client.completions.create(model="any", prompt="ROMEO:", temperature=0)
-    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
+    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens, left out or null
+    null = openai_client.completions.create(
+        model="any", prompt="ROMEO:", temperature=0, extra_body={"max_tokens": None}
+    )
+    assert null.usage.completion_tokens == 16 and null.choices[0].text == default.choices[0].text
 
 
 def test_a_seeded_openai_call_gives_generates_text_plain_and_streamed(openai_client, client):
