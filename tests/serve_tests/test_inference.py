@@ -121,6 +121,8 @@ def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path):
     (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
     (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert cgroup_cpus(tmp_path / "v1") == 1
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1's "no quota"
+    assert cgroup_cpus(tmp_path / "v1") is None
     assert cgroup_cpus(tmp_path / "none") is None
 
 

@@ -486,20 +486,3 @@ def test_on_a_cpu_auto_picks_bf16_only_where_the_cpu_computes_it_natively(featur
     machine = train.machine.setup_machine(parse_config(["--device", "cpu", "--dtype", "bfloat16"]))
     assert machine.autocast_dtype == torch.bfloat16 and machine.precision() == "bf16"
     assert ("slower than fp32" in machine.why) == (feature is None)
-
-
-def test_native_bf16_reads_the_cpus_features(monkeypatch):
-    from model.device import native_bf16, probed
-
-    monkeypatch.delenv("SHAKESPEARE_MACHINE", raising=False)
-    for amx, avx512_bf16, expected in [(True, True, "AMX"), (False, True, "AVX-512 BF16"), (False, False, None)]:
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx512_bf16: avx)
-        probed.cache_clear()
-        assert native_bf16() == expected
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probes: no claim of bf16
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    probed.cache_clear()
-    assert native_bf16() is None
-    monkeypatch.undo()
-    probed.cache_clear()  # the machine's own answer again, for the tests after this one
