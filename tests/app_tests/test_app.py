@@ -244,6 +244,15 @@ def test_unloadable_model_stops_start_up_with_a_message(tmp_path, kind):
 
 
 @pytest.mark.slow
+def test_a_machine_override_it_cannot_read_stops_start_up_with_a_message(tiny_folder):
+    command = [sys.executable, "app.py", "--model", str(tiny_folder), "--port", str(free_port())]
+    env = app_env() | {"SHAKESPEARE_MACHINE": "bf16=sometimes"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
+    assert "error: SHAKESPEARE_MACHINE: cannot read 'bf16=sometimes'" in result.stderr
+
+
+@pytest.mark.slow
 def test_defaults_follow_the_environment(monkeypatch):
     import app
 
