@@ -41,8 +41,7 @@ class CompiledDecoding:
         self.model = model
         self.ready = threading.Event()  # set once compiled and checked
         self.started = False
-        self.failed: str | None = None
-        self.broken = False  # a compiled step failed while serving: eager from then on
+        self.failed: str | None = None  # why the step did not compile, or failed once while serving: eager for good
         self._eager = model.next_token_logits
         for module in model.modules():
             if isinstance(module, Int8Linear):
@@ -85,7 +84,7 @@ class CompiledDecoding:
     def next_token_logits(self, idx: torch.Tensor, cache, start, slots=None) -> torch.Tensor:
         """GPT.next_token_logits, with one-token steps compiled."""
         B, T = idx.shape
-        if T != 1 or self.broken:
+        if T != 1 or self.failed is not None:
             return self._eager(idx, cache, start, slots)
         starts, slots = self.model.rows_of(B, T, start, slots)
         try:
@@ -93,7 +92,6 @@ class CompiledDecoding:
         except Exception as err:  # noqa: BLE001 - a compiled step that fails once is not trusted again
             self.failed = _first_line(err)
             log.warning("the compiled decoding step failed, decoding goes on eagerly (%s)", self.failed)
-            self.broken = True
             return self._eager(idx, cache, start, slots)
 
     def _run(self, idx: torch.Tensor, cache, rows: DecodeRows) -> torch.Tensor:

@@ -164,20 +164,18 @@ class WellFormedCalls:
     def completed(self, path: str, body: bytes) -> bytes:
         """body (checked), with the defaults of the trailing parameters a call to a public endpoint leaves off
         appended: Gradio wants every value, and a call written before a setting was added must still run."""
+        if not path.startswith(JOIN_ROUTES) or path.startswith(f"{API}/call/v2/"):
+            return body  # a direct route, or values by name: nothing is left off by position
         call = json.loads(body)
-        if path.startswith(f"{API}/call/") and not path.startswith(f"{API}/call/v2/"):
-            fn = self._endpoint(_name_in(path, f"{API}/call/"))
-        elif path.startswith(f"{API}/queue/join"):
+        if path.startswith(f"{API}/queue/join"):
             fn = self._fn(call.get("fn_index"))
         else:
+            fn = self._endpoint(_name_in(path, f"{API}/call/"))
+        public = fn is not None and fn.api_visibility == "public"
+        parameters = self._api().get(f"/{fn.api_name}", []) if public else []
+        if len(parameters) != len(fn.inputs if public else ()) or len(call["data"]) >= len(parameters):
             return body
-        parameters = self._api().get(f"/{fn.api_name}", []) if fn is not None else []
-        data = call["data"]
-        if fn is None or fn.api_visibility != "public" or len(parameters) != len(fn.inputs):
-            return body
-        if len(data) >= len(parameters):
-            return body
-        call["data"] = [*data, *(p["parameter_default"] for p in parameters[len(data) :])]
+        call["data"] = [*call["data"], *(p["parameter_default"] for p in parameters[len(call["data"]) :])]
         return json.dumps(call).encode()
 
     def problem(self, path: str, content_type: str, body: bytes) -> tuple[int, str] | None:

@@ -162,7 +162,7 @@ def test_a_compiled_step_that_fails_while_serving_hands_back_to_eager(monkeypatc
         for _ in range(2):
             got = step(decoding.next_token_logits, model, [0, 1, 2])
             assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-    assert len(calls) == 1 and decoding.broken and model.next_token_logits == eager
+    assert len(calls) == 1 and decoding.failed is not None and model.next_token_logits == eager
     assert [record.getMessage() for record in caplog.records] == [
         "the compiled decoding step failed, decoding goes on eagerly (RuntimeError: CppCompileError: C++ compile error)"
     ]
