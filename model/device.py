@@ -14,11 +14,12 @@ import torch
 # The precisions a user may name (--dtype), for training (autocast) and serving (weights) alike.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# SHAKESPEARE_MACHINE="bf16=none,int8=no,threads=1,cuda=no": run as if the machine offered that, in this process
-# and every process it starts (the trainer's tests run train/train.py as a subprocess). Set to take the other
-# branch of a machine-dependent choice on any machine; see docs/testing.md.
+# SHAKESPEARE_MACHINE="bf16=none,int8=no,simd=avx2,threads=1,cuda=no": run as if the machine offered that, in this
+# process and every process it starts (the trainer's tests run train/train.py as a subprocess). Set to take the
+# other branch of a machine-dependent choice on any machine; see docs/testing.md.
 OVERRIDE = "SHAKESPEARE_MACHINE"
 BF16_FEATURES = {"amx": "AMX", "avx512": "AVX-512 BF16", "none": None}
+SIMD_LEVELS = ("none", "avx2", "avx512_vnni")  # each level's instructions include the ones before it
 YES, NO = ("yes", "1", "true"), ("no", "0", "false")
 
 
@@ -31,6 +32,8 @@ class Capabilities:
         Cooper Lake). Claiming it where the CPU lacks it only changes choices: bf16 still runs, emulated.
     onednn_bf16: oneDNN packs bf16 weights (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT).
     int8: this PyTorch build has fbgemm's int8 Linear with a fixed input range and fp32 output.
+    simd: the widest instructions this project's own int8 kernel (serve/int8_kernel.cpp) has a path for here:
+        "avx512_vnni" (AVX-512 with VNNI), "avx2", or None (it then is not used).
     cuda: a CUDA GPU is visible.
     threads: the CPUs this process may really use (its affinity, capped by a cgroup CPU quota).
     """
@@ -38,6 +41,7 @@ class Capabilities:
     bf16: str | None
     onednn_bf16: bool
     int8: bool
+    simd: str | None
     cuda: bool
     threads: int
 
@@ -77,6 +81,13 @@ def _int8() -> bool:
     )
 
 
+def _simd() -> str | None:
+    cpu = torch.cpu
+    if cpu._is_avx512_supported() and cpu._is_vnni_supported() and cpu.get_capabilities().get("avx512_bw"):
+        return "avx512_vnni"
+    return "avx2" if cpu._is_avx2_supported() else None
+
+
 def _threads() -> int:
     # a container on a 2-vCPU Space can see every core of the host, and more threads than CPUs only spin
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -86,7 +97,7 @@ def _threads() -> int:
 @functools.cache
 def probed() -> Capabilities:
     """What the machine itself offers, read once per process."""
-    return Capabilities(_native_bf16(), _onednn_bf16(), _int8(), torch.cuda.is_available(), _threads())
+    return Capabilities(_native_bf16(), _onednn_bf16(), _int8(), _simd(), torch.cuda.is_available(), _threads())
 
 
 def capabilities() -> Capabilities:
@@ -104,6 +115,12 @@ def _overridden(found: Capabilities, text: str) -> Capabilities:
         name, _, value = (part.strip().lower() for part in item.partition("="))
         if name == "bf16" and value in BF16_FEATURES:
             changes[name] = BF16_FEATURES[value]
+        elif name == "simd" and value in SIMD_LEVELS:
+            if SIMD_LEVELS.index(value) > SIMD_LEVELS.index(found.simd or "none"):
+                raise ValueError(
+                    f"{OVERRIDE} claims simd={value}, which this machine does not have; it may only take it away"
+                )
+            changes[name] = None if value == "none" else value
         elif name == "threads" and value.isdigit() and int(value) > 0:
             changes[name] = int(value)
         elif name in ("onednn_bf16", "int8", "cuda") and value in YES + NO:
@@ -115,7 +132,7 @@ def _overridden(found: Capabilities, text: str) -> Capabilities:
         else:
             raise ValueError(
                 f"{OVERRIDE}: cannot read {item.strip()!r}; give comma-separated name=value pairs from bf16=amx|avx512|"
-                "none, onednn_bf16=yes|no, int8=yes|no, cuda=yes|no, threads=N (N >= 1)"
+                "none, onednn_bf16=yes|no, int8=yes|no, simd=avx512_vnni|avx2|none, cuda=yes|no, threads=N (N >= 1)"
             )
     return replace(found, **changes)
 

@@ -25,6 +25,7 @@ def test_without_an_override_the_capabilities_are_the_machines(monkeypatch):
         (" BF16 = AVX512 , threads=3 ", dict(bf16="AVX-512 BF16", threads=3)),
         ("threads=1", dict(threads=1)),
         ("int8=no,onednn_bf16=0,cuda=false", dict(int8=False, onednn_bf16=False, cuda=False)),
+        ("simd=none", dict(simd=None)),
     ],
 )
 def test_the_override_changes_only_what_it_names(monkeypatch, text, expected):
@@ -34,7 +35,9 @@ def test_the_override_changes_only_what_it_names(monkeypatch, text, expected):
         assert getattr(found, name) == expected.get(name, value), name
 
 
-@pytest.mark.parametrize("text", ["bf16=yes", "threads=0", "threads=two", "gpu=no", "int8", "int8=maybe"])
+@pytest.mark.parametrize(
+    "text", ["bf16=yes", "threads=0", "threads=two", "gpu=no", "int8", "int8=maybe", "simd=avx512", "simd=yes"]
+)
 def test_an_override_that_cannot_be_read_says_what_it_takes(monkeypatch, text):
     monkeypatch.setenv(OVERRIDE, text)
     with pytest.raises(ValueError, match=rf"{OVERRIDE}: cannot read .*bf16=amx\|avx512\|none"):
@@ -51,6 +54,36 @@ def test_the_override_cannot_claim_a_kernel_or_device_the_machine_lacks(monkeypa
     else:
         with pytest.raises(ValueError, match=f"claims {name}, which this machine does not have"):
             capabilities()
+
+
+@pytest.mark.parametrize("found", ["avx512_vnni", "avx2", None])
+def test_the_override_may_lower_the_int8_kernels_instructions_but_not_raise_them(monkeypatch, fresh_probe, found):
+    monkeypatch.setattr(device, "_simd", lambda: found)
+    probed.cache_clear()
+    levels = ["none", "avx2", "avx512_vnni"]
+    for level in levels:
+        monkeypatch.setenv(OVERRIDE, f"simd={level}")
+        if levels.index(level) <= levels.index(found or "none"):
+            assert capabilities().simd == (None if level == "none" else level)
+        else:
+            with pytest.raises(ValueError, match=f"claims simd={level}, which this machine does not have"):
+                capabilities()
+
+
+def test_the_int8_kernels_instructions_are_read_from_the_cpu(monkeypatch, fresh_probe):
+    for avx512, vnni, bw, avx2, expected in [
+        (True, True, True, True, "avx512_vnni"),
+        (True, False, True, True, "avx2"),  # AVX-512 without VNNI (Skylake-SP): the AVX2 path
+        (True, True, False, True, "avx2"),
+        (False, False, False, True, "avx2"),
+        (False, False, False, False, None),
+    ]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda v=avx512: v)
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda v=vnni: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda v=avx2: v)
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda v=bw: {"avx512_bw": v})
+        probed.cache_clear()
+        assert probed().simd == expected
 
 
 def test_without_cuda_auto_is_the_cpu_and_cuda_is_refused(monkeypatch):

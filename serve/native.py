@@ -1,0 +1,169 @@
+"""This project's own int8 Linear kernel for decoding (serve/int8_kernel.cpp), built at first use with the
+machine's C++ compiler against the installed torch, cached on disk, and loaded as
+torch.ops.shakespeare_native.int8_linear.
+
+It computes bit for bit what fbgemm's int8 Linear computes for Int8Linear (the same quantised input, an exact
+integer sum, the same float rounding after it), only faster for the 1-8 rows of a decoding step: serving may
+switch to it at any moment, between two tokens of an answer, and no token changes. Where it cannot be built (no
+compiler, a CPU without AVX2), Int8Linear keeps fbgemm's kernel and one log line says why.
+
+The build takes about 10 s on 2 cores and runs on a thread of its own (start()), so nothing waits for it; its
+result is kept in $SHAKESPEARE_CACHE, else $XDG_CACHE_HOME/shakespeare-gpt, else ~/.cache/shakespeare-gpt (a
+temporary folder where none of those can be written), under a name that changes with the source, torch and the
+compiler, so a later start loads it in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from model.device import capabilities
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int8_kernel.cpp")
+SIMD = {"avx512_vnni": 2, "avx2": 1}  # the kernel's paths, by the CPU feature each needs
+TILE, GROUP = 16, 4  # output rows and inputs per packed tile (int8_kernel.cpp's kTile, kGroup)
+# the most rows a call may have to take the kernel, per path; calls with more (prompt chunks, big batches) go to
+# fbgemm, which is faster there and gives the same bits (measured by bench/int8_kernel.py)
+MOST_ROWS = {2: 16, 1: 2}
+
+
+class _Build:
+    """The library's state in this process: built and loaded once, by whichever caller comes first."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.failed: str | None = None
+        self.path: int | None = None  # the path calls take once loaded (simd() then)
+        self.thread: threading.Thread | None = None
+
+
+_BUILD = _Build()
+
+
+def simd() -> int | None:
+    """The kernel path for this CPU (capabilities().simd), as int8_kernel.cpp numbers it, or None for none."""
+    return SIMD.get(capabilities().simd or "")
+
+
+def ready() -> bool:
+    """Whether the kernel is loaded and this CPU has a path for it (Int8Linear then uses it)."""
+    return _BUILD.path is not None
+
+
+def failure() -> str | None:
+    """Why the kernel could not be built or loaded, once that was tried and failed."""
+    return _BUILD.failed
+
+
+def path_for(rows: int) -> int | None:
+    """The kernel path a call of this many rows takes, or None for fbgemm's kernel."""
+    path = _BUILD.path
+    return path if path is not None and rows <= MOST_ROWS[path] else None
+
+
+def start() -> threading.Thread | None:
+    """Build or load the kernel on a thread of its own (once per process); None where this CPU has no path."""
+    with _BUILD.lock:
+        if _BUILD.thread is None and simd() is not None:
+            _BUILD.thread = threading.Thread(target=load, name="build-int8-kernel", daemon=True)
+            _BUILD.thread.start()
+        return _BUILD.thread
+
+
+def load() -> bool:
+    """Build (or find cached) and load the kernel on this thread; True once torch.ops.shakespeare_native is
+    callable, False (with one log line, once) where it cannot be."""
+    if _BUILD.path is not None:
+        return True
+    if _BUILD.failed is not None or simd() is None:
+        return False
+    try:
+        torch.ops.load_library(str(_library()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _BUILD.failed = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        log.warning("own int8 kernel unavailable, int8 layers stay on fbgemm (%s)", _BUILD.failed)
+        return False
+    _BUILD.path = simd()
+    log.info("int8 layers use this project's kernel (%s) for up to %d rows", capabilities().simd, MOST_ROWS[simd()])
+    return True
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: the first writable of $SHAKESPEARE_CACHE, $XDG_CACHE_HOME/shakespeare-gpt,
+    ~/.cache/shakespeare-gpt, else a temporary folder (a Space's disk does not outlive a restart, so each
+    restart there builds once more)."""
+    candidates = []
+    if os.environ.get("SHAKESPEARE_CACHE"):
+        candidates.append(Path(os.environ["SHAKESPEARE_CACHE"]))
+    candidates.append(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shakespeare-gpt")
+    candidates.append(Path(tempfile.gettempdir()) / f"shakespeare-gpt-{os.getuid()}")
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    raise OSError("no writable folder for the built kernel: set SHAKESPEARE_CACHE to one")
+
+
+def _library() -> Path:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    flags += [f"-I{path}" for path in include_paths()] + [f"-L{path}" for path in library_paths()]
+    key = hashlib.sha256(SOURCE.read_bytes())
+    for part in (torch.__version__, " ".join(flags), sysconfig.get_platform()):
+        key.update(part.encode())
+    target = cache_dir() / f"int8_kernel-{key.hexdigest()[:16]}.so"
+    if target.exists():  # built before, by any compiler: the source and torch are what it depends on
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise OSError("no C++ compiler found (install g++, or set CXX)")
+    partial = target.with_suffix(f".{os.getpid()}.tmp")  # renamed once whole: a crash leaves no broken library
+    command = [compiler, *flags, str(SOURCE), "-o", str(partial), "-lc10", "-ltorch_cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"compiling {SOURCE.name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    partial.replace(target)
+    log.info("built the int8 kernel into %s", target)
+    return target
+
+
+class PackedInt8:
+    """An int8 weight [N, K] (one scale per row) in the kernel's layout, with what the kernel needs beside it."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, input_scale: float) -> None:
+        n, k = weight.shape
+        n_pad, k_pad = -(-n // TILE) * TILE, -(-k // GROUP) * GROUP
+        padded = torch.zeros(n_pad, k_pad, dtype=torch.int8)
+        padded[:n, :k] = weight
+        self.n, self.input_scale = n, input_scale
+        self.weight = padded.view(n_pad // TILE, TILE, k_pad // GROUP, GROUP).transpose(1, 2).contiguous()
+        self.offsets = (padded.sum(dim=1, dtype=torch.int32) * 63).to(torch.int32)
+        multipliers = torch.zeros(n_pad, dtype=torch.float32)
+        # fbgemm's order: the input scale times each row's scale, in fp32, then times the integer sum
+        multipliers[:n] = torch.tensor(input_scale, dtype=torch.float32) * scales.float()
+        self.multipliers = multipliers
+
+    def __call__(self, x: torch.Tensor, path: int) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y = torch.ops.shakespeare_native.int8_linear(
+            rows, self.weight, self.offsets, self.multipliers, self.n, self.input_scale, path
+        )
+        return y.view(*x.shape[:-1], self.n)
