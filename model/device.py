@@ -83,6 +83,8 @@ def _int8() -> bool:
 
 def _simd() -> str | None:
     cpu = torch.cpu
+    if not cpu.get_capabilities().get("fma3"):  # the kernel rounds as torch does, with FMA
+        return None
     if cpu._is_avx512_supported() and cpu._is_vnni_supported() and cpu.get_capabilities().get("avx512_bw"):
         return "avx512_vnni"
     return "avx2" if cpu._is_avx2_supported() else None

@@ -1,18 +1,20 @@
-// The int8 Linear for a few rows (decoding): int8 weights with one scale per output row, fp32 input rows that
-// the caller has already scaled to max |x| = 1. serve/native.py builds this file at first use and loads it as
-// torch.ops.shakespeare_native.int8_linear.
+// Int8Linear's forward pass for a few rows (decoding): int8 weights with one scale per output row, fp32 input
+// rows. serve/native.py builds this file at first use and loads it as torch.ops.shakespeare_native.int8_linear.
 //
-// It computes exactly what fbgemm's int8 Linear computes with Int8Linear's fixed input range, bit for bit:
-//   q = nearbyint(x * (1 / scale)) + 63 (unsigned, 0..126), acc = sum_k q * w - 63 * sum_k w (an exact
-//   integer), y = float(acc) * (scale * w_scale[n]).
+// It computes exactly what Int8Linear computes with fbgemm's kernel, bit for bit:
+//   s = max(max |x|, 1e-30) per row; a = nearbyint((x / s) * (1 / scale)) (7 bits: -63..63, fbgemm's
+//   unsigned input minus its zero point 63); acc = sum_k a * w (an exact integer);
+//   y = float(acc) * (scale * w_scale[n]); out = y * s, or bias + y * s.
 // Integer sums are exact in any order, so a row's output never depends on how many rows share the call, and
-// serving may switch between this kernel and fbgemm at any moment without changing a single token.
+// serving may switch between this kernel and fbgemm at any moment without changing a single token. It is
+// built with -ffp-contract=off: no multiply and add may fuse into one rounding that fbgemm's path does not have.
 //
-// The weights are packed in tiles of 16 output rows x 4 inputs (64 bytes, row n's 4 bytes together), so one
-// 512-bit load feeds 16 outputs and each input row's 4 bytes are broadcast: every weight byte is read once
-// per call for up to 8 input rows, with no horizontal sums. Two paths, chosen by the caller from the CPU's
-// features: AVX-512 VNNI (vpdpbusd) and AVX2 (vpmaddubsw: 126 x 127 x 2 stays below 32,767, so the int16
-// pairs never saturate, which is why the input range uses 7 bits).
+// The weights are stored as unsigned bytes (w + 128) in tiles of 16 output rows x 4 inputs (64 bytes, row n's 4
+// bytes together), so one 512-bit load feeds 16 outputs, and each input row's 4 signed bytes are broadcast from
+// memory into the multiply (vpdpbusd's second operand): every weight byte is read once per call for up to 8
+// input rows, with no horizontal sums; acc = sum (w + 128) * a - 128 * sum a. Two paths, chosen by the caller
+// from the CPU's features: AVX-512 VNNI (vpdpbusd) and AVX2 (vpmaddubsw: 255 x 63 x 2 stays below 32,767, so
+// the int16 pairs never saturate, which is why the input range uses 7 bits).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -23,64 +25,140 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <vector>
 
 namespace {
 
 constexpr int kTile = 16;         // output rows per tile
 constexpr int kGroup = 4;         // inputs per group (one int32 lane)
-constexpr int kZeroPoint = 63;    // Int8Linear.INPUT_ZERO_POINT
+constexpr int kLevels = 63;       // |a| <= 63: Int8Linear's input range (INPUT_ZERO_POINT)
 constexpr int kMostRows = 8;      // input rows one pass over the weights serves
 
-// One 16-output tile for `rows` input rows (1..kMostRows): int32 sums of q * w over every group.
+// What turns a tile's integer sums into outputs, for the input rows of one pass.
+struct Epilogue {
+  const float* multipliers;  // the tile's 16
+  const float* bias;         // the tile's 16, or null
+  const float* row_scale;    // per input row: its max |x|
+  const int32_t* correction; // per input row: 128 * sum a
+  float* out;                // row 0's first output of the tile
+  int64_t out_stride;        // outputs per row (n)
+  int64_t width;             // outputs of this tile that exist (16, or fewer in the last tile)
+};
+
+// acc - correction, times the multiplier, times the row's scale, plus the bias: torch's addcmul fuses that last
+// multiply and add into one rounding (an FMA), so this does too
 template <int kRows>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
-    const int8_t* tile, const uint8_t* q, int64_t q_stride, int64_t groups, int32_t* sums) {
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void tile_vnni(
+    const uint8_t* tile, const int8_t* a, int64_t a_stride, int64_t groups, const Epilogue& e) {
   __m512i acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
-  const int32_t* q32 = reinterpret_cast<const int32_t*>(q);
-  const int64_t q32_stride = q_stride / kGroup;
+  const int32_t* a32 = reinterpret_cast<const int32_t*>(a);
+  const int64_t a32_stride = a_stride / kGroup;
   int64_t g = 0;
   for (; g + 2 <= groups; g += 2) {  // two chains per row: vpdpbusd's latency is hidden for one row too
     __m512i w0 = _mm512_loadu_si512(tile + g * 64);
     __m512i w1 = _mm512_loadu_si512(tile + g * 64 + 64);
     for (int r = 0; r < kRows; ++r) {
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_set1_epi32(q32[r * q32_stride + g]), w0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_set1_epi32(q32[r * q32_stride + g + 1]), w1);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, _mm512_set1_epi32(a32[r * a32_stride + g]));
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, _mm512_set1_epi32(a32[r * a32_stride + g + 1]));
     }
   }
   for (; g < groups; ++g) {
     __m512i w0 = _mm512_loadu_si512(tile + g * 64);
     for (int r = 0; r < kRows; ++r)
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_set1_epi32(q32[r * q32_stride + g]), w0);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, _mm512_set1_epi32(a32[r * a32_stride + g]));
   }
-  for (int r = 0; r < kRows; ++r)
-    _mm512_storeu_si512(sums + r * kTile, _mm512_add_epi32(acc[r][0], acc[r][1]));
+  const __m512 multipliers = _mm512_loadu_ps(e.multipliers);
+  const __mmask16 keep = static_cast<__mmask16>((1u << e.width) - 1);
+  for (int r = 0; r < kRows; ++r) {
+    __m512i sums = _mm512_sub_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]), _mm512_set1_epi32(e.correction[r]));
+    __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), multipliers);
+    __m512 scale = _mm512_set1_ps(e.row_scale[r]);
+    __m512 y = e.bias ? _mm512_fmadd_ps(product, scale, _mm512_loadu_ps(e.bias)) : _mm512_mul_ps(product, scale);
+    _mm512_mask_storeu_ps(e.out + r * e.out_stride, keep, y);
+  }
 }
 
 template <int kRows>
-__attribute__((target("avx2"))) void tile_avx2(
-    const int8_t* tile, const uint8_t* q, int64_t q_stride, int64_t groups, int32_t* sums) {
+__attribute__((target("avx2,fma"))) void tile_avx2(
+    const uint8_t* tile, const int8_t* a, int64_t a_stride, int64_t groups, const Epilogue& e) {
   __m256i acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
-  const int32_t* q32 = reinterpret_cast<const int32_t*>(q);
-  const int64_t q32_stride = q_stride / kGroup;
+  const int32_t* a32 = reinterpret_cast<const int32_t*>(a);
+  const int64_t a32_stride = a_stride / kGroup;
   for (int64_t g = 0; g < groups; ++g) {
     __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g * 64));       // outputs 0-7
     __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g * 64 + 32));  // outputs 8-15
     for (int r = 0; r < kRows; ++r) {
-      __m256i b = _mm256_set1_epi32(q32[r * q32_stride + g]);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(b, lo), ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b, hi), ones));
+      __m256i b = _mm256_set1_epi32(a32[r * a32_stride + g]);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, b), ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, b), ones));
     }
   }
+  float y[kTile];
   for (int r = 0; r < kRows; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + r * kTile), acc[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + r * kTile + 8), acc[r][1]);
+    const __m256i correction = _mm256_set1_epi32(e.correction[r]);
+    const __m256 scale = _mm256_set1_ps(e.row_scale[r]);
+    for (int half = 0; half < 2; ++half) {
+      __m256i sums = _mm256_sub_epi32(acc[r][half], correction);
+      __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_loadu_ps(e.multipliers + 8 * half));
+      __m256 out = e.bias ? _mm256_fmadd_ps(product, scale, _mm256_loadu_ps(e.bias + 8 * half))
+                          : _mm256_mul_ps(product, scale);
+      _mm256_storeu_ps(y + 8 * half, out);
+    }
+    std::memcpy(e.out + r * e.out_stride, y, e.width * sizeof(float));
   }
 }
 
-using TileFn = void (*)(const int8_t*, const uint8_t*, int64_t, int64_t, int32_t*);
+// One input row scaled to max |x| = 1 and quantised as fbgemm quantises it: a = nearbyint((x / s) * inverse),
+// half to even; returns s (max |x|, at least 1e-30) and sets *sum to the sum of a. Vectorised: on one thread,
+// its scalar form (a libm call per value) took longer than the 768-wide layers' whole product.
+__attribute__((target("avx2,fma"))) float quantize_row(const float* x, int64_t k, float inverse, int8_t* a,
+                                                       int32_t* sum) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 top8 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(_mm256_loadu_ps(x + i), magnitude));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, top8);
+  float top = 0.0f;
+  for (float lane : lanes) top = std::max(top, lane);
+  for (; i < k; ++i) top = std::max(top, std::fabs(x[i]));
+  const float s = std::max(top, 1e-30f);
+
+  const __m256 scale = _mm256_set1_ps(s), inverse8 = _mm256_set1_ps(inverse);
+  const __m256 low = _mm256_set1_ps(-static_cast<float>(kLevels)), high = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i sums = _mm256_setzero_si256();
+  i = 0;
+  for (; i + 32 <= k; i += 32) {
+    __m256i q[4];
+    for (int part = 0; part < 4; ++part) {
+      __m256 v = _mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(x + i + 8 * part), scale), inverse8);
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[part] = _mm256_cvtps_epi32(_mm256_min_ps(high, _mm256_max_ps(low, v)));
+      sums = _mm256_add_epi32(sums, q[part]);
+    }
+    __m256i q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + i), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  int32_t parts[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts), sums);
+  int32_t total = 0;
+  for (int32_t part : parts) total += part;
+  for (; i < k; ++i) {
+    const float v = std::nearbyint((x[i] / s) * inverse);
+    a[i] = static_cast<int8_t>(std::min(127.0f, std::max(-static_cast<float>(kLevels), v)));
+    total += a[i];
+  }
+  *sum = total;
+  return s;
+}
+
+using TileFn = void (*)(const uint8_t*, const int8_t*, int64_t, int64_t, const Epilogue&);
 
 template <template <int> class Pick>
 TileFn for_rows(int rows) {
@@ -98,49 +176,54 @@ TileFn for_rows(int rows) {
 template <int R> struct Vnni { static constexpr TileFn fn = tile_vnni<R>; };
 template <int R> struct Avx2 { static constexpr TileFn fn = tile_avx2<R>; };
 
-// x: [M, K] fp32, each row scaled to max |x| <= 1; packed: [N_pad / 16, K_pad / 4, 16, 4] int8;
-// offsets: [N_pad] int32, 63 * sum_k w[n, k]; multipliers: [N_pad] fp32, scale * w_scale[n];
-// simd: 2 = AVX-512 VNNI, 1 = AVX2. Returns [M, n] fp32.
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& offsets,
-                       const at::Tensor& multipliers, int64_t n, double scale, int64_t simd) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, K] fp32");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kTile && packed.size(3) == kGroup, "packed weights expected");
+// x: [..., K] fp32; packed: [N_pad / 16, K_pad / 4, 16, 4] uint8 (w + 128); multipliers: [N_pad] fp32,
+// scale * w_scale[n]; bias: [N_pad] fp32 (zeros past n) or none; simd: 2 = AVX-512 VNNI, 1 = AVX2. Returns [..., n] fp32.
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& multipliers,
+                       const std::optional<at::Tensor>& bias, int64_t n, double scale, int64_t simd) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 1, "x must be fp32 [..., K]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(2) == kTile &&
+              packed.size(3) == kGroup, "packed weights expected");
   TORCH_CHECK(simd == 1 || simd == 2, "simd must be 1 (AVX2) or 2 (AVX-512 VNNI)");
-  const int64_t rows = x.size(0), k = x.size(1), tiles = packed.size(0), groups = packed.size(1);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t k = x.size(-1), rows = k ? x.numel() / k : 0, tiles = packed.size(0), groups = packed.size(1);
   TORCH_CHECK(k <= groups * kGroup && n <= tiles * kTile, "x or n does not match the packed weights");
+  TORCH_CHECK(multipliers.scalar_type() == at::kFloat && multipliers.numel() == tiles * kTile &&
+              multipliers.is_contiguous(), "multipliers must be a contiguous fp32 [N_pad]");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == tiles * kTile && bias->is_contiguous()),
+              "bias must be a contiguous fp32 [N_pad]");
   const int64_t k_pad = groups * kGroup;
-  at::Tensor out = at::empty({rows, n}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, x.options());
   if (rows == 0 || n == 0) return out;
 
-  // the input rows as fbgemm quantises them: x * (1 / scale), rounded half to even, + the zero point
-  std::vector<uint8_t> q(rows * k_pad, 0);
+  // each row scaled to max |x| = 1 and quantised as fbgemm quantises it (x * (1 / scale), half to even)
+  std::vector<int8_t> a(rows * k_pad, 0);
+  std::vector<float> row_scale(rows);
+  std::vector<int32_t> correction(rows);  // 128 * sum a: what the weights' +128 adds to each sum
   const float inverse = 1.0f / static_cast<float>(scale);
   const float* xp = x.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < k; ++i) {
-      float v = std::nearbyint(xp[r * k + i] * inverse) + static_cast<float>(kZeroPoint);
-      q[r * k_pad + i] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, v)));
-    }
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t sum = 0;
+    row_scale[r] = quantize_row(xp + r * k, k, inverse, a.data() + r * k_pad, &sum);
+    correction[r] = 128 * sum;
+  }
 
-  const int8_t* wp = packed.data_ptr<int8_t>();
-  const int32_t* op = offsets.data_ptr<int32_t>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float* mp = multipliers.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
   // enough tiles per task that a thread streams a long run of weights (grain: ~64 KB of them)
   const int64_t grain = std::max<int64_t>(1, 65536 / (groups * 64));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    int32_t sums[kMostRows * kTile];
     for (int64_t t = begin; t < end; ++t) {
-      const int8_t* tile = wp + t * groups * 64;
-      const int64_t first = t * kTile, width = std::min<int64_t>(kTile, n - first);
+      const uint8_t* tile = wp + t * groups * 64;
+      const int64_t first = t * kTile;
       for (int64_t r0 = 0; r0 < rows; r0 += kMostRows) {
         const int block = static_cast<int>(std::min<int64_t>(kMostRows, rows - r0));
-        TileFn fn = simd == 2 ? for_rows<Vnni>(block) : for_rows<Avx2>(block);
-        fn(tile, q.data() + r0 * k_pad, k_pad, groups, sums);
-        for (int r = 0; r < block; ++r)
-          for (int64_t j = 0; j < width; ++j)
-            yp[(r0 + r) * n + first + j] =
-                static_cast<float>(sums[r * kTile + j] - op[first + j]) * mp[first + j];
+        const Epilogue e{mp + first, bp ? bp + first : nullptr, row_scale.data() + r0, correction.data() + r0,
+                         yp + r0 * n + first, n, std::min<int64_t>(kTile, n - first)};
+        (simd == 2 ? for_rows<Vnni>(block) : for_rows<Avx2>(block))(tile, a.data() + r0 * k_pad, k_pad, groups, e);
       }
     }
   });
@@ -150,7 +233,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 }  // namespace
 
 TORCH_LIBRARY(shakespeare_native, m) {
-  m.def("int8_linear(Tensor x, Tensor packed, Tensor offsets, Tensor multipliers, int n, float scale, int simd)"
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor multipliers, Tensor? bias, int n, float scale, int simd)"
         " -> Tensor");
 }
 

@@ -15,11 +15,13 @@ compiler, so a later start loads it in milliseconds.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -36,7 +38,9 @@ SIMD = {"avx512_vnni": 2, "avx2": 1}  # the kernel's paths, by the CPU feature e
 TILE, GROUP = 16, 4  # output rows and inputs per packed tile (int8_kernel.cpp's kTile, kGroup)
 # the most rows a call may have to take the kernel, per path; calls with more (prompt chunks, big batches) go to
 # fbgemm, which is faster there and gives the same bits (measured by bench/int8_kernel.py)
-MOST_ROWS = {2: 16, 1: 2}
+MOST_ROWS = {2: 4, 1: 2}
+HUGE_PAGE, MADV_HUGEPAGE = 2 << 20, 14
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 class _Build:
@@ -123,7 +127,7 @@ def _library() -> Path:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    flags = ["-O3", "-ffp-contract=off", "-std=c++20", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     flags += [f"-I{path}" for path in include_paths()] + [f"-L{path}" for path in library_paths()]
     key = hashlib.sha256(SOURCE.read_bytes())
     for part in (torch.__version__, " ".join(flags), sysconfig.get_platform()):
@@ -139,31 +143,44 @@ def _library() -> Path:
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise OSError(f"compiling {SOURCE.name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        lines = done.stderr.strip().splitlines() or ["?"]
+        first_error = next((line for line in lines if "error" in line), lines[-1])
+        raise OSError(f"compiling {SOURCE.name} failed: {first_error.strip()}")
     partial.replace(target)
     log.info("built the int8 kernel into %s", target)
     return target
 
 
-class PackedInt8:
-    """An int8 weight [N, K] (one scale per row) in the kernel's layout, with what the kernel needs beside it."""
+def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of tensor in memory the kernel is asked to back with 2 MB pages (Linux's transparent huge
+    pages, where it offers them on request): a decoding step streams all 124 MB of GPT-2's int8 weights, and with
+    4 KB pages every 4 KB of them costs a page-table walk. bench/int8_kernel.py measures it."""
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype)
+    if copy.nbytes >= HUGE_PAGE and _LIBC is not None:
+        start = copy.data_ptr() // 4096 * 4096  # nothing is written yet: the first touch takes huge pages
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(copy.data_ptr() + copy.nbytes - start), MADV_HUGEPAGE)
+    return copy.copy_(tensor)
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, input_scale: float) -> None:
+
+class PackedInt8:
+    """An int8 weight [N, K] (one scale per row) and its bias in the kernel's layout: unsigned (w + 128), in tiles
+    of 16 rows x 4 inputs; called on fp32 rows, it is Int8Linear's whole forward pass."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, input_scale: float):
         n, k = weight.shape
         n_pad, k_pad = -(-n // TILE) * TILE, -(-k // GROUP) * GROUP
-        padded = torch.zeros(n_pad, k_pad, dtype=torch.int8)
+        padded = torch.zeros(n_pad, k_pad, dtype=torch.int16)
         padded[:n, :k] = weight
+        tiles = (padded + 128).to(torch.uint8).view(n_pad // TILE, TILE, k_pad // GROUP, GROUP)
+        self.weight = on_huge_pages(tiles.transpose(1, 2))
         self.n, self.input_scale = n, input_scale
-        self.weight = padded.view(n_pad // TILE, TILE, k_pad // GROUP, GROUP).transpose(1, 2).contiguous()
-        self.offsets = (padded.sum(dim=1, dtype=torch.int32) * 63).to(torch.int32)
-        multipliers = torch.zeros(n_pad, dtype=torch.float32)
+        self.bias = None if bias is None else torch.cat([bias.float(), bias.new_zeros(n_pad - n, dtype=torch.float32)])
         # fbgemm's order: the input scale times each row's scale, in fp32, then times the integer sum
-        multipliers[:n] = torch.tensor(input_scale, dtype=torch.float32) * scales.float()
-        self.multipliers = multipliers
+        self.multipliers = torch.zeros(n_pad, dtype=torch.float32)
+        self.multipliers[:n] = torch.tensor(input_scale, dtype=torch.float32) * scales.float()
 
-    def __call__(self, x: torch.Tensor, path: int) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        y = torch.ops.shakespeare_native.int8_linear(
-            rows, self.weight, self.offsets, self.multipliers, self.n, self.input_scale, path
-        )
-        return y.view(*x.shape[:-1], self.n)
+    def __call__(self, x: torch.Tensor, path: int, bias: bool = True) -> torch.Tensor:
+        """Int8Linear's output for x (bias=False: without the bias; on rows already scaled to max |x| = 1 that
+        is fbgemm's int8 product alone, the same bits)."""
+        op = torch.ops.shakespeare_native.int8_linear
+        return op(x, self.weight, self.multipliers, self.bias if bias else None, self.n, self.input_scale, path)

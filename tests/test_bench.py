@@ -11,9 +11,9 @@ pytestmark = pytest.mark.slow  # each bench started as a process, seven of them
 
 
 COUNTS = {
-    "anchors": "--repeats",
     "app_startup": "--starts",
     "generate": "--prompt-lengths",
+    "peers": "--rounds",
     "prefill_share": "--long",
     "probability_view": "--rounds",
     "serve_load": "--repeats",

@@ -42,16 +42,37 @@ def scaled_rows(rows: int, width: int, seed: int) -> torch.Tensor:
     return x / x.abs().amax(dim=-1, keepdim=True)
 
 
+SHAPES = [(48, 64), (37, 21), (16, 4), (5, 130), (40, 96)]  # (out, in): tiles and groups filled or not
+
+
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("out_features, in_features", [(48, 64), (37, 21), (16, 4), (5, 130)])
+@pytest.mark.parametrize("out_features, in_features", SHAPES)
 def test_the_kernel_gives_fbgemms_bits_for_any_rows_and_shape(loaded, path, out_features, in_features):
-    """Shapes that fill no whole tile or group included; 1-20 rows (past a pass's 8, and past MOST_ROWS)."""
+    """The int8 product alone, on rows already scaled; 1-20 rows (past a pass's 8, and past MOST_ROWS)."""
     generator = torch.Generator().manual_seed(out_features)
     weight = torch.randn(out_features, in_features, generator=generator) * torch.logspace(-3, 0, in_features)
     layer = Int8Linear(weight, None)
     for rows in (1, 2, 3, 7, 8, 9, 16, 20):
         x = scaled_rows(rows, in_features, seed=rows)
-        assert torch.equal(layer._own(x, path), fbgemm(layer, x)), rows
+        assert torch.equal(layer._own(x, path, bias=False), fbgemm(layer, x)), rows
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("out_features, in_features", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_kernel_is_int8_linears_whole_forward_pass_bit_for_bit(loaded, monkeypatch, path, out_features,
+                                                                  in_features, with_bias):  # fmt: skip
+    """Row scaling, the product and the bias (which torch's addcmul adds with one rounding) in one call, on raw
+    rows of any size, zero rows and a leading batch shape included, as the eager torch ops compute them."""
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    layer = Int8Linear(weight, bias)
+    x = torch.randn(3, 4, in_features, generator=generator) * torch.logspace(-4, 3, 4)[None, :, None]
+    x[1, 2] = 0.0
+    monkeypatch.setattr(native._BUILD, "path", None)  # the eager torch ops around fbgemm
+    expected = layer(x)
+    assert torch.equal(layer._own(x, path), expected)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -61,19 +82,19 @@ def test_a_rows_result_does_not_depend_on_its_batch_mates(loaded, path):
     together = layer._own(x, path)
     for i in (0, 7, 12):
         assert torch.equal(layer._own(x[i : i + 1], path)[0], together[i])
-    assert torch.equal(layer._own(x.view(13, 1, 96), path).view(13, 40), together)  # any leading shape
 
 
 def test_int8_linear_takes_the_kernel_for_few_rows_and_fbgemm_for_more(loaded, monkeypatch):
     layer = Int8Linear(torch.randn(24, 32), torch.randn(24))
     calls = []
-    monkeypatch.setattr(layer, "_own", lambda x, path: calls.append(path))
+    monkeypatch.setattr(layer, "_own", lambda x, path, bias=True: calls.append(path))
     path = native.path_for(1)
     assert path == native.SIMD[capabilities().simd]
-    layer.int8_matmul(scaled_rows(1, 32, 0))
-    layer.int8_matmul(scaled_rows(native.MOST_ROWS[path], 32, 0))
+    layer(torch.randn(1, 32))
+    layer.int8_matmul(scaled_rows(native.MOST_ROWS[path], 32, 0))  # the compiled step's op
     assert calls == [path, path]
-    out = layer.int8_matmul(scaled_rows(native.MOST_ROWS[path] + 1, 32, 0))  # a prompt chunk: fbgemm
+    out = layer(torch.randn(native.MOST_ROWS[path] + 1, 32))  # a prompt chunk: fbgemm
+    out = layer.int8_matmul(scaled_rows(native.MOST_ROWS[path] + 1, 32, 0))
     assert calls == [path, path] and out.shape == (native.MOST_ROWS[path] + 1, 24)
 
 
