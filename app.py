@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         "serving %s: %s parameters, %s on %s (%d threads), up to %d generations per step",
         facts.description, f"{facts.parameters:,}", facts.precision, model.device, threads, args.max_batch,
     )  # fmt: skip
+    logging.info("precision: %s", serve.why_precision(model.device, args.dtype, args.quantize))
     compiled = serve.CompiledDecoding(model) if args.compile and model.device.type == "cpu" else None
     scheduler = serve.Scheduler(model, args.max_batch, compiled)
     tokenizer = load_tokenizer(facts.location)  # the model folder's own tokenizer files, else the packaged ones

@@ -3,10 +3,11 @@ layer's weights distinct (124.5 MB, far more than the caches hold), each layer c
 
     python bench/int8_kernel.py [--rows 1 2 4 8 16] [--passes 20] [--threads 2]
 
-For each row count it prints the milliseconds of one pass (median over the passes) through Int8Linear with
-fbgemm's kernel and with this project's (serve/native.py) on each path this CPU has, the bandwidth each reaches
-(weight bytes / time), and a plain read of the same bytes for scale; the ratios are what native.MOST_ROWS is set
-from. Every kernel's output is checked to be fbgemm's, bit for bit, before it is timed.
+For each row count it prints the milliseconds of one pass (median over the passes) through Int8Linear: as torch
+operations around fbgemm's kernel (before serve/native.py's library loads), as one call of the library around
+fbgemm's kernel, and as one call of this project's kernel on each path this CPU has; the bandwidth each reaches
+(weight bytes / time) and a plain read of the same bytes for scale. native.MOST_ROWS is set from the ratios.
+Every variant's output is checked to be the torch operations', bit for bit, before it is timed.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from serve.kernels import Int8Linear  # noqa: E402
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]  # (out, in), in step order
 
 
-def one_pass(layers: list[Int8Linear], inputs: dict[int, torch.Tensor]) -> float:
+def one_pass(layers: list[Int8Linear], inputs: dict[int, torch.Tensor], path: int | None) -> float:
+    """Seconds for every layer once, in order: path None the torch operations, else the library's path."""
     start = time.perf_counter()
     for layer in layers:
-        layer(inputs[layer.in_features])
+        x = inputs[layer.in_features]
+        layer(x) if path is None else layer.through(x, path)
     return time.perf_counter() - start
 
 
@@ -52,29 +55,33 @@ def main() -> None:
               for out, width in SHAPES]  # fmt: skip
     total = sum(layer.weight_bytes for layer in layers)
     flat = torch.ones(total // 4)
-    paths = {"fbgemm": None} | {level: native.SIMD[level] for level in SIMD_LEVELS[1:] if level in _levels()}
+    paths = {"torch ops + fbgemm": None, "fbgemm, one call": 0}
+    paths |= {f"own, {level}": native.SIMD[level] for level in SIMD_LEVELS[1:] if level in _levels()}
     print(
         f"{len(layers)} layers, {total / 1e6:.1f} MB of weights, {args.threads} threads, median of {args.passes} passes"
     )
-    print("| rows | kernel | ms per pass | GB/s | x fbgemm |")
+    print("| rows | Int8Linear as | ms per pass | GB/s | x torch ops + fbgemm |")
     print("| ---: | --- | ---: | ---: | ---: |")
     with torch.inference_mode():
         for rows in args.rows:
             inputs = {width: torch.randn(rows, width, generator=generator) for width in (768, 3072)}
             times: dict[str, list[float]] = {name: [] for name in paths}
-            native._BUILD.path = None  # fbgemm's kernel for every call
-            reference = [layer(inputs[layer.in_features]) for layer in layers[:4]]
+            loaded, native._BUILD.path = native._BUILD.path, None  # Int8Linear as torch operations
+            reference = [layer(inputs[layer.in_features]) for layer in layers]
             for name, path in paths.items():
-                native._BUILD.path = path  # the kernel every Int8Linear call takes, whatever the rows
-                native.MOST_ROWS.update({path: rows} if path else {})
-                for layer, expected in zip(layers[:4], reference, strict=False):
-                    assert torch.equal(layer(inputs[layer.in_features]), expected), name
-            for _ in range(args.passes):  # interleaved: each pass times every kernel once
+                for layer, expected in zip(layers, reference, strict=True):
+                    got = (
+                        layer(inputs[layer.in_features])
+                        if path is None
+                        else layer.through(inputs[layer.in_features], path)
+                    )
+                    assert torch.equal(got, expected), name
+            for _ in range(args.passes):  # interleaved: each pass times every variant once
                 for name, path in paths.items():
-                    native._BUILD.path = path
-                    times[name].append(one_pass(layers, inputs))
+                    times[name].append(one_pass(layers, inputs, path))
+            native._BUILD.path = loaded
             read = statistics.median(_read(flat) for _ in range(args.passes))
-            base = statistics.median(times["fbgemm"])
+            base = statistics.median(times["torch ops + fbgemm"])
             for name, values in times.items():
                 ms = statistics.median(values)
                 print(f"| {rows} | {name} | {ms * 1e3:.2f} | {total / ms / 1e9:.1f} | {base / ms:.2f}x |")

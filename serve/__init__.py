@@ -16,7 +16,7 @@ from .completions import (
     stream_completion,
     warm_up,
 )
-from .inference import load_for_inference, precision_of, use_cpu_threads
+from .inference import load_for_inference, precision_of, use_cpu_threads, why_precision
 from .model_facts import ModelFacts
 
 __all__ = [
@@ -37,4 +37,5 @@ __all__ = [
     "stream_completion",
     "use_cpu_threads",
     "warm_up",
+    "why_precision",
 ]

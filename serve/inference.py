@@ -11,6 +11,7 @@ import torch
 from model import GPT
 from model.device import DTYPES, capabilities, fast_dtype, pick_device
 
+from . import native
 from .kernels import Int8Linear, PackedBF16Linear, quantize_int8, replace_linears
 
 QUANTIZE = ("none", "int8")
@@ -59,6 +60,27 @@ def pick_precision(device: torch.device, dtype: str = "auto", quantize: str = "a
     if chosen_quantize == "int8" and chosen_dtype != torch.float32:
         raise ValueError("int8 quantisation keeps fp32 activations: use it with --dtype float32 (or auto)")
     return chosen_dtype, chosen_quantize
+
+
+def why_precision(device: torch.device, dtype: str = "auto", quantize: str = "auto") -> str:
+    """One line for the start-up log: the path pick_precision chooses for these flags on this machine, and why
+    (the measurements behind each choice are in docs/performance.md)."""
+    weight_dtype, quantization = pick_precision(device, dtype, quantize)
+    name = "int8 weights, fp32 activations" if quantization == "int8" else str(weight_dtype).removeprefix("torch.")
+    if (dtype, quantize) != ("auto", "auto"):
+        return f"{name}, as --dtype {dtype} --quantize {quantize} asked"
+    if device.type == "cuda":
+        return f"{name}: the fastest precision this GPU computes in"
+    if quantization != "int8":
+        return f"{name}: this PyTorch build has no fbgemm int8 kernels"
+    level = capabilities().simd
+    kernel = (
+        f"decoding steps of up to {native.MOST_ROWS[native.SIMD[level]]} rows on this project's {level} int8 kernel "
+        "once it is built (the same bits as fbgemm's, faster for a few rows), longer calls on fbgemm's"
+        if level
+        else "every call on fbgemm's kernel (this project's needs AVX2 and FMA)"
+    )
+    return f"{name}: the fastest batch-invariant path on every CPU measured; {kernel}"
 
 
 def load_for_inference(source: str | Path, device: str = "auto", dtype: str = "auto", quantize: str = "auto") -> GPT:

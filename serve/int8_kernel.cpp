@@ -1,5 +1,5 @@
 // Int8Linear's forward pass for a few rows (decoding): int8 weights with one scale per output row, fp32 input
-// rows. serve/native.py builds this file at first use and loads it as torch.ops.shakespeare_native.int8_linear.
+// rows. serve/native.py builds this file at first use and loads it as torch.ops.shakespeare_native.linear.
 //
 // It computes exactly what Int8Linear computes with fbgemm's kernel, bit for bit:
 //   s = max(max |x|, 1e-30) per row; a = nearbyint((x / s) * (1 / scale)) (7 bits: -63..63, fbgemm's
@@ -17,6 +17,7 @@
 // the int16 pairs never saturate, which is why the input range uses 7 bits).
 
 #include <ATen/Parallel.h>
+#include <ATen/native/quantized/PackedParams.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
@@ -25,6 +26,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -115,8 +118,8 @@ __attribute__((target("avx2,fma"))) void tile_avx2(
 // One input row scaled to max |x| = 1 and quantised as fbgemm quantises it: a = nearbyint((x / s) * inverse),
 // half to even; returns s (max |x|, at least 1e-30) and sets *sum to the sum of a. Vectorised: on one thread,
 // its scalar form (a libm call per value) took longer than the 768-wide layers' whole product.
-__attribute__((target("avx2,fma"))) float quantize_row(const float* x, int64_t k, float inverse, int8_t* a,
-                                                       int32_t* sum) {
+// A row's scale as Int8Linear takes it: max |x|, at least 1e-30.
+__attribute__((target("avx2,fma"))) float row_scale_of(const float* x, int64_t k) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 top8 = _mm256_setzero_ps();
   int64_t i = 0;
@@ -126,13 +129,18 @@ __attribute__((target("avx2,fma"))) float quantize_row(const float* x, int64_t k
   float top = 0.0f;
   for (float lane : lanes) top = std::max(top, lane);
   for (; i < k; ++i) top = std::max(top, std::fabs(x[i]));
-  const float s = std::max(top, 1e-30f);
+  return std::max(top, 1e-30f);
+}
+
+__attribute__((target("avx2,fma"))) float quantize_row(const float* x, int64_t k, float inverse, int8_t* a,
+                                                       int32_t* sum) {
+  const float s = row_scale_of(x, k);
+  int64_t i = 0;
 
   const __m256 scale = _mm256_set1_ps(s), inverse8 = _mm256_set1_ps(inverse);
   const __m256 low = _mm256_set1_ps(-static_cast<float>(kLevels)), high = _mm256_set1_ps(127.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256i sums = _mm256_setzero_si256();
-  i = 0;
   for (; i + 32 <= k; i += 32) {
     __m256i q[4];
     for (int part = 0; part < 4; ++part) {
@@ -178,7 +186,7 @@ template <int R> struct Avx2 { static constexpr TileFn fn = tile_avx2<R>; };
 
 // x: [..., K] fp32; packed: [N_pad / 16, K_pad / 4, 16, 4] uint8 (w + 128); multipliers: [N_pad] fp32,
 // scale * w_scale[n]; bias: [N_pad] fp32 (zeros past n) or none; simd: 2 = AVX-512 VNNI, 1 = AVX2. Returns [..., n] fp32.
-at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& multipliers,
+at::Tensor own_kernel(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& multipliers,
                        const std::optional<at::Tensor>& bias, int64_t n, double scale, int64_t simd) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 1, "x must be fp32 [..., K]");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(2) == kTile &&
@@ -230,11 +238,102 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   return out;
 }
 
+// fbgemm's kernel with the torch operations Int8Linear wraps it in: each row divided by its scale, fbgemm's int8
+// Linear (it quantises with the fixed range itself), then y * s or bias + y * s (one rounding, as addcmul).
+__attribute__((target("avx2,fma"))) at::Tensor fbgemm_kernel(const at::Tensor& x_in, LinearPackedParamsBase& fbgemm,
+                                                             const std::optional<at::Tensor>& bias, int64_t n,
+                                                             double scale) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t k = x.size(-1), rows = k ? x.numel() / k : 0;
+  at::Tensor scaled = at::empty({rows, k}, x.options());
+  std::vector<float> row_scale(rows);
+  const float* xp = x.data_ptr<float>();
+  float* sp = scaled.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float s = row_scale_of(xp + r * k, k);
+    const __m256 s8 = _mm256_set1_ps(s);
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) _mm256_storeu_ps(sp + r * k + i, _mm256_div_ps(_mm256_loadu_ps(xp + r * k + i), s8));
+    for (; i < k; ++i) sp[r * k + i] = xp[r * k + i] / s;
+    row_scale[r] = s;
+  }
+  at::Tensor y = fbgemm.apply_with_input_q_dq_qweight_dq_output_fp32(scaled, scale, kLevels);
+  TORCH_CHECK(y.is_contiguous() && y.numel() == rows * n, "fbgemm's output is not [rows, n]");
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256 s8 = _mm256_set1_ps(row_scale[r]);
+    float* row = yp + r * n;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_loadu_ps(row + j);
+      _mm256_storeu_ps(row + j, bp ? _mm256_fmadd_ps(v, s8, _mm256_loadu_ps(bp + j)) : _mm256_mul_ps(v, s8));
+    }
+    for (; j < n; ++j) row[j] = bp ? std::fma(row[j], row_scale[r], bp[j]) : row[j] * row_scale[r];
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return y.view(shape);
+}
+
+// The layers this process serves, by number: fbgemm's packed weights and this kernel's, side by side.
+struct Layer {
+  c10::intrusive_ptr<LinearPackedParamsBase> fbgemm;
+  at::Tensor packed, multipliers;
+  std::optional<at::Tensor> bias;  // padded to N_pad, for this kernel's tiles
+  int64_t n;
+  double scale;
+};
+std::mutex registry_lock;
+std::deque<Layer> registry;
+int64_t configured_simd = 0, configured_most_rows = 0;  // set by configure(): no own kernel until then
+
+int64_t register_layer(c10::intrusive_ptr<LinearPackedParamsBase> fbgemm, at::Tensor packed, at::Tensor multipliers,
+                       std::optional<at::Tensor> bias, int64_t n, double scale) {
+  std::lock_guard<std::mutex> guard(registry_lock);
+  registry.push_back(Layer{std::move(fbgemm), std::move(packed), std::move(multipliers), std::move(bias), n, scale});
+  return static_cast<int64_t>(registry.size()) - 1;
+}
+
+void configure(int64_t simd, int64_t most_rows) {
+  TORCH_CHECK(simd == 0 || simd == 1 || simd == 2, "simd must be 0 (none), 1 (AVX2) or 2 (AVX-512 VNNI)");
+  configured_simd = simd;
+  configured_most_rows = most_rows;
+}
+
+// The path a call of this many rows takes by default: the configured one for up to the configured rows, else fbgemm.
+int64_t chosen_path(int64_t rows) {
+  return configured_simd != 0 && rows <= configured_most_rows ? configured_simd : 0;
+}
+
+// Int8Linear's forward pass for layer `layer`: path 1 or 2 this kernel (AVX2, AVX-512 VNNI), 0 fbgemm's, -1 the
+// configured path for calls of up to the configured rows and fbgemm's for more. Every path gives the same bits.
+at::Tensor linear(const at::Tensor& x, int64_t layer, int64_t out_features, int64_t path) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, "x must be fp32 [..., K]");
+  Layer* entry;
+  {
+    std::lock_guard<std::mutex> guard(registry_lock);
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(registry.size()), "no int8 layer number ", layer);
+    entry = &registry[layer];  // a deque keeps its elements in place as it grows
+  }
+  TORCH_CHECK(entry->n == out_features, "layer ", layer, " has ", entry->n, " outputs, not ", out_features);
+  if (path < 0) path = chosen_path(x.size(-1) ? x.numel() / x.size(-1) : 0);
+  if (path == 0) {
+    std::optional<at::Tensor> bias;
+    if (entry->bias) bias = entry->bias->narrow(0, 0, entry->n);
+    return fbgemm_kernel(x, *entry->fbgemm, bias, entry->n, entry->scale);
+  }
+  return own_kernel(x, entry->packed, entry->multipliers, entry->bias, entry->n, entry->scale, path);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(shakespeare_native, m) {
-  m.def("int8_linear(Tensor x, Tensor packed, Tensor multipliers, Tensor? bias, int n, float scale, int simd)"
-        " -> Tensor");
+  m.def("register_layer(__torch__.torch.classes.quantized.LinearPackedParamsBase fbgemm, Tensor packed, "
+        "Tensor multipliers, Tensor? bias, int n, float scale) -> int", register_layer);
+  m.def("configure(int simd, int most_rows) -> ()", configure);
+  m.def("chosen_path(int rows) -> int", chosen_path);
+  m.def("linear(Tensor x, int layer, int out_features, int path=-1) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(shakespeare_native, CPU, m) { m.impl("int8_linear", int8_linear); }
+TORCH_LIBRARY_IMPL(shakespeare_native, CPU, m) { m.impl("linear", linear); }

@@ -72,10 +72,8 @@ class Int8Linear(nn.Module):
         self._own = native.PackedInt8(qweight.int_repr(), qweight.q_per_channel_scales(), self.bias, self.INPUT_SCALE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            path = native.path_for(x.numel() // self.in_features)
-            if path is not None:  # the few rows of a decoding step: all of the below in one call, the same bits
-                return self._own(x, path)
+        if native.ready():  # one call: this project's kernel for a decoding step's few rows, fbgemm's for more
+            return torch.ops.shakespeare_native.linear(x, self.native_number(), self.out_features)
         scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)  # 4x faster than vector_norm(inf) on 8 rows
         if torch.compiler.is_compiling():
             y = torch.ops.shakespeare.int8_linear(x / scale, self.traceable(), self.out_features)
@@ -84,12 +82,18 @@ class Int8Linear(nn.Module):
         return y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
 
     def int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """The int8 product of rows already scaled to max |x| = 1: this project's kernel for a few rows once it is
-        loaded, fbgemm's otherwise (the same bits)."""
-        path = native.path_for(x.numel() // self.in_features)
-        if path is not None:
-            return self._own(x, path, bias=False)
+        """fbgemm's int8 product of rows already scaled to max |x| = 1."""
         return _FBGEMM_INT8_LINEAR(x, self.INPUT_SCALE, self.INPUT_ZERO_POINT, self._packed)
+
+    def native_number(self) -> int:
+        """This layer's number in serve/native.py's library (registered on first use, once it is loaded)."""
+        if getattr(self, "_native", None) is None:
+            self._native = self._own.register(self._packed)
+        return self._native
+
+    def through(self, x: torch.Tensor, path: int) -> torch.Tensor:
+        """forward on one path of the library: 0 fbgemm's kernel, else native.SIMD's numbers (tests, benches)."""
+        return torch.ops.shakespeare_native.linear(x, self.native_number(), self.out_features, path)
 
     def traceable(self) -> int:
         """This layer's number for torch.ops.shakespeare.int8_linear (registered on first use)."""

@@ -38,7 +38,7 @@ SIMD = {"avx512_vnni": 2, "avx2": 1}  # the kernel's paths, by the CPU feature e
 TILE, GROUP = 16, 4  # output rows and inputs per packed tile (int8_kernel.cpp's kTile, kGroup)
 # the most rows a call may have to take the kernel, per path; calls with more (prompt chunks, big batches) go to
 # fbgemm, which is faster there and gives the same bits (measured by bench/int8_kernel.py)
-MOST_ROWS = {2: 4, 1: 2}
+MOST_ROWS = {2: 8, 1: 4}
 HUGE_PAGE, MADV_HUGEPAGE = 2 << 20, 14
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -71,12 +71,6 @@ def failure() -> str | None:
     return _BUILD.failed
 
 
-def path_for(rows: int) -> int | None:
-    """The kernel path a call of this many rows takes, or None for fbgemm's kernel."""
-    path = _BUILD.path
-    return path if path is not None and rows <= MOST_ROWS[path] else None
-
-
 def start() -> threading.Thread | None:
     """Build or load the kernel on a thread of its own (once per process); None where this CPU has no path."""
     with _BUILD.lock:
@@ -100,8 +94,14 @@ def load() -> bool:
         log.warning("own int8 kernel unavailable, int8 layers stay on fbgemm (%s)", _BUILD.failed)
         return False
     _BUILD.path = simd()
+    torch.ops.shakespeare_native.configure(_BUILD.path, MOST_ROWS[_BUILD.path])
+    torch.library.register_fake("shakespeare_native::linear")(_linear_shape)
     log.info("int8 layers use this project's kernel (%s) for up to %d rows", capabilities().simd, MOST_ROWS[simd()])
     return True
+
+
+def _linear_shape(x: torch.Tensor, layer: int, out_features: int, path: int = -1) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def cache_dir() -> Path:
@@ -127,7 +127,10 @@ def _library() -> Path:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    flags = ["-O3", "-ffp-contract=off", "-std=c++20", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    # -fopenmp: at::parallel_for is inline OpenMP in torch's headers, serial without it; the library then needs
+    # libgomp.so.1, which the loader finds already loaded by torch, so both share torch's one thread pool
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w"]
+    flags.append(f"-D_GLIBCXX_USE_CXX11_ABI={abi}")
     flags += [f"-I{path}" for path in include_paths()] + [f"-L{path}" for path in library_paths()]
     key = hashlib.sha256(SOURCE.read_bytes())
     for part in (torch.__version__, " ".join(flags), sysconfig.get_platform()):
@@ -164,7 +167,7 @@ def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
 
 class PackedInt8:
     """An int8 weight [N, K] (one scale per row) and its bias in the kernel's layout: unsigned (w + 128), in tiles
-    of 16 rows x 4 inputs; called on fp32 rows, it is Int8Linear's whole forward pass."""
+    of 16 rows x 4 inputs, the bias padded to whole tiles."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, input_scale: float):
         n, k = weight.shape
@@ -179,8 +182,7 @@ class PackedInt8:
         self.multipliers = torch.zeros(n_pad, dtype=torch.float32)
         self.multipliers[:n] = torch.tensor(input_scale, dtype=torch.float32) * scales.float()
 
-    def __call__(self, x: torch.Tensor, path: int, bias: bool = True) -> torch.Tensor:
-        """Int8Linear's output for x (bias=False: without the bias; on rows already scaled to max |x| = 1 that
-        is fbgemm's int8 product alone, the same bits)."""
-        op = torch.ops.shakespeare_native.int8_linear
-        return op(x, self.weight, self.multipliers, self.bias if bias else None, self.n, self.input_scale, path)
+    def register(self, fbgemm) -> int:
+        """This layer's number in the library, with fbgemm's packed weights beside these (once loaded)."""
+        op = torch.ops.shakespeare_native.register_layer
+        return op(fbgemm, self.weight, self.multipliers, self.bias, self.n, self.input_scale)

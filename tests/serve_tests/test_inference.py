@@ -9,7 +9,7 @@ import torch
 
 from model import generate
 from model.device import OVERRIDE, capabilities, cgroup_cpus
-from serve import load_for_inference, precision_of
+from serve import load_for_inference, native, precision_of
 from serve.inference import cpu_threads, pick_precision
 from serve.kernels import Int8Linear, PackedBF16Linear
 
@@ -131,3 +131,29 @@ def test_a_model_loaded_for_serving_refuses_to_save_an_incomplete_checkpoint(sav
     with pytest.raises(ValueError, match=r"(?s)cannot save: .*missing tensor transformer\.h\.0\.attn\.c_attn\.weight"):
         model.save_pretrained(tmp_path / "int8")
     assert not (tmp_path / "int8").exists()
+
+
+@pytest.mark.parametrize(
+    "machine, flags, expected",
+    [
+        ("simd=avx512_vnni", {}, "int8 weights, fp32 activations: the fastest batch-invariant path on every CPU "
+         f"measured; decoding steps of up to {native.MOST_ROWS[2]} rows on this project's avx512_vnni int8 kernel"),
+        ("simd=avx2", {}, f"decoding steps of up to {native.MOST_ROWS[1]} rows on this project's avx2 int8 kernel"),
+        ("simd=none", {}, "every call on fbgemm's kernel (this project's needs AVX2 and FMA)"),
+        ("int8=no", {}, "float32: this PyTorch build has no fbgemm int8 kernels"),
+        ("", dict(quantize="none"), "float32, as --dtype auto --quantize none asked"),
+    ],
+)  # fmt: skip
+def test_the_start_up_log_says_which_path_was_chosen_and_why(monkeypatch, machine, flags, expected):
+    from serve import why_precision
+
+    if (
+        "avx512_vnni" in machine
+        and capabilities().simd != "avx512_vnni"
+        or "avx2" in machine
+        and not capabilities().simd
+    ):
+        pytest.skip("the override may only take instructions away, and this CPU lacks them")
+    if machine == "int8=no" or capabilities().int8:
+        monkeypatch.setenv(OVERRIDE, machine)
+        assert expected in why_precision(CPU, **flags)

@@ -54,16 +54,17 @@ def test_the_kernel_gives_fbgemms_bits_for_any_rows_and_shape(loaded, path, out_
     layer = Int8Linear(weight, None)
     for rows in (1, 2, 3, 7, 8, 9, 16, 20):
         x = scaled_rows(rows, in_features, seed=rows)
-        assert torch.equal(layer._own(x, path, bias=False), fbgemm(layer, x)), rows
+        assert torch.equal(layer.through(x, path), fbgemm(layer, x)), rows
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [0, *PATHS])
 @pytest.mark.parametrize("out_features, in_features", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_the_kernel_is_int8_linears_whole_forward_pass_bit_for_bit(loaded, monkeypatch, path, out_features,
                                                                   in_features, with_bias):  # fmt: skip
     """Row scaling, the product and the bias (which torch's addcmul adds with one rounding) in one call, on raw
-    rows of any size, zero rows and a leading batch shape included, as the eager torch ops compute them."""
+    rows of any size, zero rows and a leading batch shape included, as the eager torch ops compute them; path 0
+    wraps fbgemm's kernel, the others are this project's."""
     generator = torch.Generator().manual_seed(in_features)
     weight = torch.randn(out_features, in_features, generator=generator)
     bias = torch.randn(out_features, generator=generator) if with_bias else None
@@ -72,37 +73,29 @@ def test_the_kernel_is_int8_linears_whole_forward_pass_bit_for_bit(loaded, monke
     x[1, 2] = 0.0
     monkeypatch.setattr(native._BUILD, "path", None)  # the eager torch ops around fbgemm
     expected = layer(x)
-    assert torch.equal(layer._own(x, path), expected)
+    assert torch.equal(layer.through(x, path), expected)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_rows_result_does_not_depend_on_its_batch_mates(loaded, path):
     layer = Int8Linear(torch.randn(40, 96), None)
     x = scaled_rows(13, 96, seed=1)
-    together = layer._own(x, path)
+    together = layer.through(x, path)
     for i in (0, 7, 12):
-        assert torch.equal(layer._own(x[i : i + 1], path)[0], together[i])
+        assert torch.equal(layer.through(x[i : i + 1], path)[0], together[i])
 
 
-def test_int8_linear_takes_the_kernel_for_few_rows_and_fbgemm_for_more(loaded, monkeypatch):
-    layer = Int8Linear(torch.randn(24, 32), torch.randn(24))
-    calls = []
-    monkeypatch.setattr(layer, "_own", lambda x, path, bias=True: calls.append(path))
-    path = native.path_for(1)
-    assert path == native.SIMD[capabilities().simd]
-    layer(torch.randn(1, 32))
-    layer.int8_matmul(scaled_rows(native.MOST_ROWS[path], 32, 0))  # the compiled step's op
-    assert calls == [path, path]
-    out = layer(torch.randn(native.MOST_ROWS[path] + 1, 32))  # a prompt chunk: fbgemm
-    out = layer.int8_matmul(scaled_rows(native.MOST_ROWS[path] + 1, 32, 0))
-    assert calls == [path, path] and out.shape == (native.MOST_ROWS[path] + 1, 24)
+def test_calls_of_a_few_rows_take_the_kernel_and_longer_ones_fbgemm(loaded):
+    path = native.SIMD[capabilities().simd]
+    chosen = torch.ops.shakespeare_native.chosen_path
+    assert [chosen(rows) for rows in (1, native.MOST_ROWS[path], native.MOST_ROWS[path] + 1, 128)] == [path, path, 0, 0]
 
 
 def test_a_model_decodes_the_same_tokens_on_the_kernel_as_on_fbgemm(loaded, monkeypatch, perturb):
     torch.manual_seed(0)
     model = quantize_int8(perturb(GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32))))
     tokens = {}
-    for name, path in (("kernel", native._BUILD.path), ("fbgemm", None)):
+    for name, path in (("kernel", native._BUILD.path), ("fbgemm", None)):  # None: the torch ops around fbgemm
         monkeypatch.setattr(native._BUILD, "path", path)
         tokens[name] = list(generate(model, [1, 2, 3], 40, temperature=1.0, seed=5))
         logits = model(torch.tensor([[4, 5, 6]]))[0]
@@ -123,8 +116,10 @@ def in_a_new_process(code: str, env: dict) -> str:
 LOAD = """
     import logging
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
     from serve import native
-    print("loaded", native.load(), "path", native.path_for(1))
+    loaded = native.load()
+    print("loaded", loaded, "path", torch.ops.shakespeare_native.chosen_path(1) if loaded else None)
 """
 
 
