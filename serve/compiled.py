@@ -27,6 +27,7 @@ import torch
 from model import GPT
 from model.gpt import DecodeRows
 
+from . import native
 from .kernels import Int8Linear
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ class CompiledDecoding:
         of which one reads the whole context (the compiler tells a read of all the cache from one of a part
         of it); True when it ran, False (and one log line) when it could not."""
         started = time.perf_counter()
+        library = native.ready()  # read once: the graph calls the library, or the op around fbgemm, for good
+        for module in self.model.modules():
+            if isinstance(module, Int8Linear):
+                if library:
+                    module.native_number()
+                module.native_in_graph = library
         try:
             self._step = torch.compile(self.model.decode_step, dynamic=True)
             cache = self.model.new_kv_cache(2)

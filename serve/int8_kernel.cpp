@@ -308,7 +308,8 @@ int64_t chosen_path(int64_t rows) {
 
 // Int8Linear's forward pass for layer `layer`: path 1 or 2 this kernel (AVX2, AVX-512 VNNI), 0 fbgemm's, -1 the
 // configured path for calls of up to the configured rows and fbgemm's for more. Every path gives the same bits.
-at::Tensor linear(const at::Tensor& x, int64_t layer, int64_t out_features, int64_t path) {
+// with_bias false leaves the bias out: on rows already scaled to max |x| = 1 that is fbgemm's int8 product alone.
+at::Tensor linear(const at::Tensor& x, int64_t layer, int64_t out_features, int64_t path, bool with_bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, "x must be fp32 [..., K]");
   Layer* entry;
   {
@@ -318,12 +319,10 @@ at::Tensor linear(const at::Tensor& x, int64_t layer, int64_t out_features, int6
   }
   TORCH_CHECK(entry->n == out_features, "layer ", layer, " has ", entry->n, " outputs, not ", out_features);
   if (path < 0) path = chosen_path(x.size(-1) ? x.numel() / x.size(-1) : 0);
-  if (path == 0) {
-    std::optional<at::Tensor> bias;
-    if (entry->bias) bias = entry->bias->narrow(0, 0, entry->n);
-    return fbgemm_kernel(x, *entry->fbgemm, bias, entry->n, entry->scale);
-  }
-  return own_kernel(x, entry->packed, entry->multipliers, entry->bias, entry->n, entry->scale, path);
+  std::optional<at::Tensor> bias;
+  if (with_bias && entry->bias) bias = path == 0 ? entry->bias->narrow(0, 0, entry->n) : *entry->bias;
+  if (path == 0) return fbgemm_kernel(x, *entry->fbgemm, bias, entry->n, entry->scale);
+  return own_kernel(x, entry->packed, entry->multipliers, bias, entry->n, entry->scale, path);
 }
 
 }  // namespace
@@ -333,7 +332,7 @@ TORCH_LIBRARY(shakespeare_native, m) {
         "Tensor multipliers, Tensor? bias, int n, float scale) -> int", register_layer);
   m.def("configure(int simd, int most_rows) -> ()", configure);
   m.def("chosen_path(int rows) -> int", chosen_path);
-  m.def("linear(Tensor x, int layer, int out_features, int path=-1) -> Tensor");
+  m.def("linear(Tensor x, int layer, int out_features, int path=-1, bool with_bias=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shakespeare_native, CPU, m) { m.impl("linear", linear); }

@@ -70,9 +70,14 @@ class Int8Linear(nn.Module):
         # the same weights for this project's own kernel (serve/native.py), which decoding steps use once it is
         # built: the same bits as fbgemm's, faster for a few rows
         self._own = native.PackedInt8(qweight.int_repr(), qweight.q_per_channel_scales(), self.bias, self.INPUT_SCALE)
+        self._native: int | None = None  # its number in the library, once registered there
+        self.native_in_graph = False  # whether a compiled graph calls the library (set once, before tracing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native.ready():  # one call: this project's kernel for a decoding step's few rows, fbgemm's for more
+        if torch.compiler.is_compiling():
+            if self.native_in_graph:  # fixed before tracing (serve.compiled), so no guard on it ever fails
+                return torch.ops.shakespeare_native.linear(x, self._native, self.out_features)
+        elif native.ready():  # one call: this project's kernel for a decoding step's few rows, fbgemm's for more
             return torch.ops.shakespeare_native.linear(x, self.native_number(), self.out_features)
         scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)  # 4x faster than vector_norm(inf) on 8 rows
         if torch.compiler.is_compiling():
@@ -82,12 +87,15 @@ class Int8Linear(nn.Module):
         return y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
 
     def int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """fbgemm's int8 product of rows already scaled to max |x| = 1."""
+        """The int8 product of rows already scaled to max |x| = 1 (without the bias): the library's once it is
+        loaded, fbgemm's kernel alone before."""
+        if native.ready():
+            return torch.ops.shakespeare_native.linear(x, self.native_number(), self.out_features, with_bias=False)
         return _FBGEMM_INT8_LINEAR(x, self.INPUT_SCALE, self.INPUT_ZERO_POINT, self._packed)
 
     def native_number(self) -> int:
         """This layer's number in serve/native.py's library (registered on first use, once it is loaded)."""
-        if getattr(self, "_native", None) is None:
+        if self._native is None:
             self._native = self._own.register(self._packed)
         return self._native
 

@@ -47,7 +47,8 @@ class _Build:
     """The library's state in this process: built and loaded once, by whichever caller comes first."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # starting the thread
+        self.loading = threading.Lock()  # building and loading
         self.failed: str | None = None
         self.path: int | None = None  # the path calls take once loaded (simd() then)
         self.thread: threading.Thread | None = None
@@ -83,24 +84,27 @@ def start() -> threading.Thread | None:
 def load() -> bool:
     """Build (or find cached) and load the kernel on this thread; True once torch.ops.shakespeare_native is
     callable, False (with one log line, once) where it cannot be."""
-    if _BUILD.path is not None:
-        return True
-    if _BUILD.failed is not None or simd() is None:
-        return False
+    with _BUILD.loading:  # the background build and a caller that waits for it: one loads, the other sees it
+        if _BUILD.path is None and _BUILD.failed is None and simd() is not None:
+            _load()
+        return _BUILD.path is not None
+
+
+def _load() -> None:
     try:
         torch.ops.load_library(str(_library()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         _BUILD.failed = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         log.warning("own int8 kernel unavailable, int8 layers stay on fbgemm (%s)", _BUILD.failed)
-        return False
-    _BUILD.path = simd()
-    torch.ops.shakespeare_native.configure(_BUILD.path, MOST_ROWS[_BUILD.path])
-    torch.library.register_fake("shakespeare_native::linear")(_linear_shape)
-    log.info("int8 layers use this project's kernel (%s) for up to %d rows", capabilities().simd, MOST_ROWS[simd()])
-    return True
+        return
+    path = simd()
+    torch.ops.shakespeare_native.configure(path, MOST_ROWS[path])
+    torch.library.register_fake("shakespeare_native::linear")(_linear_shape)  # for a compiled graph's tracing
+    _BUILD.path = path  # last: Int8Linear takes the library from here on
+    log.info("int8 layers use this project's kernel (%s) for up to %d rows", capabilities().simd, MOST_ROWS[path])
 
 
-def _linear_shape(x: torch.Tensor, layer: int, out_features: int, path: int = -1) -> torch.Tensor:
+def _linear_shape(x: torch.Tensor, layer: int, out_features: int, path: int = -1, with_bias: bool = True):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
