@@ -26,7 +26,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 
 from model import GPT, GPTConfig, generate  # noqa: E402
-from serve import load_for_inference  # noqa: E402
+from serve import load_for_inference, native  # noqa: E402
 from serve.compiled import compile_now  # noqa: E402
 from serve.flags import at_least_one  # noqa: E402
 from serve.inference import cpu_threads  # noqa: E402
@@ -148,6 +148,8 @@ def build_weights(source: str | None, folder: Path) -> Path:
 
 def speed(args, folder: Path, prompts: dict[int, list[int]], bandwidth: float) -> None:
     from transformers import GPT2LMHeadModel
+
+    native.load()  # the int8 layers' library, built or loaded now rather than part-way through a timing
 
     # each loader gives a model and what generate() takes beside the sampling mode (a compiled step)
     loaders = {f"this project {name}": (lambda kw=kw: (load_for_inference(folder, device="cpu", **kw), {}))

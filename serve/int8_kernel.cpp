@@ -1,13 +1,15 @@
-// Int8Linear's forward pass for a few rows (decoding): int8 weights with one scale per output row, fp32 input
-// rows. serve/native.py builds this file at first use and loads it as torch.ops.shakespeare_native.linear.
+// Int8Linear's forward pass in one call: int8 weights with one scale per output row, fp32 input rows. Up to a
+// configured number of rows (a decoding step) it runs the kernel below; for more (prompt chunks) fbgemm's kernel,
+// with Int8Linear's row scaling and bias around it. serve/native.py builds this file at first use and loads it as
+// torch.ops.shakespeare_native.
 //
-// It computes exactly what Int8Linear computes with fbgemm's kernel, bit for bit:
+// Every path computes exactly what Int8Linear's torch operations around fbgemm compute, bit for bit:
 //   s = max(max |x|, 1e-30) per row; a = nearbyint((x / s) * (1 / scale)) (7 bits: -63..63, fbgemm's
 //   unsigned input minus its zero point 63); acc = sum_k a * w (an exact integer);
-//   y = float(acc) * (scale * w_scale[n]); out = y * s, or bias + y * s.
+//   y = float(acc) * (scale * w_scale[n]); out = y * s, or bias + y * s in one rounding (as torch's addcmul).
 // Integer sums are exact in any order, so a row's output never depends on how many rows share the call, and
-// serving may switch between this kernel and fbgemm at any moment without changing a single token. It is
-// built with -ffp-contract=off: no multiply and add may fuse into one rounding that fbgemm's path does not have.
+// serving may switch between the paths at any moment without changing a single token. It is built with
+// -ffp-contract=off: no other multiply and add may fuse into one rounding.
 //
 // The weights are stored as unsigned bytes (w + 128) in tiles of 16 output rows x 4 inputs (64 bytes, row n's 4
 // bytes together), so one 512-bit load feeds 16 outputs, and each input row's 4 signed bytes are broadcast from

@@ -1,11 +1,13 @@
-"""The layers serving runs its Linear layers through on the CPU: int8 weights (fbgemm, Int8Linear, with the op
-a compiled graph calls it by) and oneDNN-packed bf16 weights (PackedBF16Linear), and the replacement of a
-model's Linear layers by either. Which one a model gets is serve/inference.py's choice.
+"""The layers serving runs its Linear layers through on the CPU: int8 weights (Int8Linear, with the op a compiled
+graph calls it by) and oneDNN-packed bf16 weights (PackedBF16Linear), and the replacement of a model's Linear
+layers by either. Which one a model gets is serve/inference.py's choice.
 
 Decoding reads every weight once per token, so on a CPU its speed is set by memory bandwidth: bf16 weights
-halve the bytes of fp32 and int8 weights quarter them. int8 here is PyTorch's int8 Linear (fbgemm): int8
-weights with one scale per output row, each activation row quantised on the fly, and its kernel reads the
-weights near the machine's bandwidth.
+halve the bytes of fp32 and int8 weights quarter them. Int8Linear has int8 weights with one scale per output
+row and quantises each activation row on the fly: through torch operations around fbgemm's int8 Linear until
+serve/native.py's library is loaded, then in one call of it (its own kernel for a decoding step's few rows,
+fbgemm's for more), with the same bits. Its weights are kept twice, in fbgemm's packing and in the library's
+tiles (125 MB more for GPT-2 124M), and the library keeps every layer it was given for the process's life.
 """
 
 from __future__ import annotations

@@ -1,27 +1,24 @@
-"""This project's own int8 Linear kernel for decoding (serve/int8_kernel.cpp), built at first use with the
-machine's C++ compiler against the installed torch, cached on disk, and loaded as
-torch.ops.shakespeare_native.int8_linear.
+"""This project's int8 library (serve/int8_kernel.cpp): Int8Linear's whole forward pass in one C++ call, with an
+int8 kernel of its own for the few rows of a decoding step and fbgemm's for more, built at first use with the
+machine's C++ compiler against the installed torch, cached on disk, and loaded as torch.ops.shakespeare_native.
 
-It computes bit for bit what fbgemm's int8 Linear computes for Int8Linear (the same quantised input, an exact
-integer sum, the same float rounding after it), only faster for the 1-8 rows of a decoding step: serving may
-switch to it at any moment, between two tokens of an answer, and no token changes. Where it cannot be built (no
-compiler, a CPU without AVX2), Int8Linear keeps fbgemm's kernel and one log line says why.
+Every path computes bit for bit what Int8Linear's torch operations around fbgemm compute (the same quantised
+input, an exact integer sum, the same float roundings after it): serving switches to the library the moment it
+loads, between two tokens of an answer, and no token changes. Where it cannot be built (no compiler, a CPU
+without AVX2 and FMA), Int8Linear keeps the torch operations and one log line says why.
 
-The build takes about 10 s on 2 cores and runs on a thread of its own (start()), so nothing waits for it; its
-result is kept in $SHAKESPEARE_CACHE, else $XDG_CACHE_HOME/shakespeare-gpt, else ~/.cache/shakespeare-gpt (a
-temporary folder where none of those can be written), under a name that changes with the source, torch and the
-compiler, so a later start loads it in milliseconds.
+The build takes about 10 s on 2 cores and runs on a thread of its own (start()), so nothing waits for it; the
+library is kept in cache_dir(), named by the source, torch and the flags, so a later start loads it in
+milliseconds, without a compiler.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 import tempfile
 import threading
@@ -39,8 +36,6 @@ TILE, GROUP = 16, 4  # output rows and inputs per packed tile (int8_kernel.cpp's
 # the most rows a call may have to take the kernel, per path; calls with more (prompt chunks, big batches) go to
 # fbgemm, which is faster there and gives the same bits (measured by bench/int8_kernel.py)
 MOST_ROWS = {2: 8, 1: 4}
-HUGE_PAGE, MADV_HUGEPAGE = 2 << 20, 14
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 class _Build:
@@ -63,7 +58,7 @@ def simd() -> int | None:
 
 
 def ready() -> bool:
-    """Whether the kernel is loaded and this CPU has a path for it (Int8Linear then uses it)."""
+    """Whether the library is loaded (Int8Linear then runs through it)."""
     return _BUILD.path is not None
 
 
@@ -82,7 +77,7 @@ def start() -> threading.Thread | None:
 
 
 def load() -> bool:
-    """Build (or find cached) and load the kernel on this thread; True once torch.ops.shakespeare_native is
+    """Build (or find cached) and load the library on this thread; True once torch.ops.shakespeare_native is
     callable, False (with one log line, once) where it cannot be."""
     with _BUILD.loading:  # the background build and a caller that waits for it: one loads, the other sees it
         if _BUILD.path is None and _BUILD.failed is None and simd() is not None:
@@ -158,17 +153,6 @@ def _library() -> Path:
     return target
 
 
-def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of tensor in memory the kernel is asked to back with 2 MB pages (Linux's transparent huge
-    pages, where it offers them on request): a decoding step streams all 124 MB of GPT-2's int8 weights, and with
-    4 KB pages every 4 KB of them costs a page-table walk. bench/int8_kernel.py measures it."""
-    copy = torch.empty(tensor.shape, dtype=tensor.dtype)
-    if copy.nbytes >= HUGE_PAGE and _LIBC is not None:
-        start = copy.data_ptr() // 4096 * 4096  # nothing is written yet: the first touch takes huge pages
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(copy.data_ptr() + copy.nbytes - start), MADV_HUGEPAGE)
-    return copy.copy_(tensor)
-
-
 class PackedInt8:
     """An int8 weight [N, K] (one scale per row) and its bias in the kernel's layout: unsigned (w + 128), in tiles
     of 16 rows x 4 inputs, the bias padded to whole tiles."""
@@ -179,7 +163,7 @@ class PackedInt8:
         padded = torch.zeros(n_pad, k_pad, dtype=torch.int16)
         padded[:n, :k] = weight
         tiles = (padded + 128).to(torch.uint8).view(n_pad // TILE, TILE, k_pad // GROUP, GROUP)
-        self.weight = on_huge_pages(tiles.transpose(1, 2))
+        self.weight = tiles.transpose(1, 2).contiguous()
         self.n, self.input_scale = n, input_scale
         self.bias = None if bias is None else torch.cat([bias.float(), bias.new_zeros(n_pad - n, dtype=torch.float32)])
         # fbgemm's order: the input scale times each row's scale, in fp32, then times the integer sum
