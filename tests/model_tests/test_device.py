@@ -71,17 +71,19 @@ def test_the_override_may_lower_the_int8_kernels_instructions_but_not_raise_them
 
 
 def test_the_int8_kernels_instructions_are_read_from_the_cpu(monkeypatch, fresh_probe):
-    for avx512, vnni, bw, avx2, expected in [
-        (True, True, True, True, "avx512_vnni"),
-        (True, False, True, True, "avx2"),  # AVX-512 without VNNI (Skylake-SP): the AVX2 path
-        (True, True, False, True, "avx2"),
-        (False, False, False, True, "avx2"),
-        (False, False, False, False, None),
+    for avx512, vnni, bw, avx2, fma, expected in [
+        (True, True, True, True, True, "avx512_vnni"),
+        (True, False, True, True, True, "avx2"),  # AVX-512 without VNNI (Skylake-SP): the AVX2 path
+        (True, True, False, True, True, "avx2"),
+        (False, False, False, True, True, "avx2"),
+        (False, False, False, True, False, None),  # the kernel rounds with FMA, as torch does
+        (True, True, True, True, False, None),
+        (False, False, False, False, True, None),
     ]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda v=avx512: v)
         monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda v=vnni: v)
         monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda v=avx2: v)
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda v=bw: {"avx512_bw": v})
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda bw=bw, fma=fma: {"avx512_bw": bw, "fma3": fma})
         probed.cache_clear()
         assert probed().simd == expected
 
