@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import mmap
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -42,6 +43,12 @@ def _zeros(shape: tuple[int, ...], device, dtype: torch.dtype) -> torch.Tensor:
     if torch.device(device).type != "cpu" or count == 0:
         return torch.zeros(shape, device=device, dtype=dtype)
     return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
+
+
+# A decoding step's attention kernel: (q (B, heads, head size), one layer's keys and values (slots, heads, context,
+# head size) with the new positions written, slots (B,), positions (B,), scale) -> (B, heads, head size), each row
+# over positions 0 .. its own of its slot and nothing else (serve's C++ library has one)
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 class DecodeRows(NamedTuple):
@@ -115,16 +122,26 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, keys[seen], values[seen], attn_mask=mask, is_causal=is_causal)
 
     def decode(
-        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: DecodeRows, masked: torch.Tensor
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: DecodeRows,
+        masked: torch.Tensor | None,
+        attend: Attend | None = None,
     ) -> torch.Tensor:
         """Attention of one new position per row (x: (B, C)) over its cache slot, every row in one batched
         computation. Each row reads the same rows.length positions, those past its own masked out, so its
         products and sums run over the same blocks whatever its batch-mates' lengths: masked scores are
-        -inf, their weights exactly 0, and the values they meet finite (the cache starts at zero)."""
+        -inf, their weights exactly 0, and the values they meet finite (the cache starts at zero). Given
+        attend (a kernel that reads each row's own positions only, see Attend), that does the attention."""
         B, C = x.shape
         q, k, v = self.c_attn(x).view(B, 3, self.n_head, C // self.n_head).unbind(1)  # (B, heads, head size)
         keys[rows.slots, :, rows.positions] = k
         values[rows.slots, :, rows.positions] = v
+        if attend is not None:
+            y = attend(q, keys, values, rows.slots, rows.positions, (C // self.n_head) ** -0.5)
+            return self.c_proj(y.reshape(B, C))
         keys, values = keys[rows.slots, :, : rows.length], values[rows.slots, :, : rows.length]
         scores = (q[:, :, None] * keys).sum(-1) * (C // self.n_head) ** -0.5
         weights = scores.masked_fill(masked[:, None], float("-inf")).softmax(-1)  # (B, heads, length)
@@ -157,10 +174,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def decode(
-        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: DecodeRows, masked
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: DecodeRows, masked, attend=None
     ) -> torch.Tensor:
         """forward for one new position per row (x: (B, C)), its attention batched over the rows' cache slots."""
-        x = x + self.attn.decode(self.ln_1(x), keys, values, rows, masked)
+        x = x + self.attn.decode(self.ln_1(x), keys, values, rows, masked, attend)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -246,14 +263,22 @@ class GPT(nn.Module):
             x = block(x, cache, layer, rows)
         return self.transformer.ln_f(x)
 
-    def decode_step(self, idx: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], rows: DecodeRows):
+    def decode_step(
+        self,
+        idx: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        rows: DecodeRows,
+        attend: Attend | None = None,
+    ):
         """The next logits (B, vocab) of B rows after one new token each (idx: (B,)), each at its own
-        position and cache slot (rows), every layer's attention batched over the rows (CausalSelfAttention.decode).
-        Only tensors and one length come in, so serve.CompiledDecoding compiles it once for any batch."""
+        position and cache slot (rows), every layer's attention batched over the rows (CausalSelfAttention.decode,
+        or attend where given). Only tensors and one length come in, so serve.CompiledDecoding compiles it once
+        for any batch."""
         x = self.transformer.wte(idx) + self.transformer.wpe(rows.positions)
-        masked = torch.arange(rows.length, device=idx.device) > rows.positions[:, None]  # (B, length): past each row
+        masked = None if attend else torch.arange(rows.length, device=idx.device) > rows.positions[:, None]
         for block, layer_keys, layer_values in zip(self.transformer.h, keys, values, strict=True):
-            x = block.decode(x, layer_keys, layer_values, rows, masked)
+            x = block.decode(x, layer_keys, layer_values, rows, masked, attend)
         return self.lm_head(self.transformer.ln_f(x))
 
     def forward(

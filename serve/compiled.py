@@ -18,6 +18,7 @@ the compiled one reads whole blocks of each row's cache with the positions past 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -61,7 +62,9 @@ class CompiledDecoding:
                     module.native_number()
                 module.native_in_graph = library
         try:
-            self._step = torch.compile(self.model.decode_step, dynamic=True)
+            # with the library, each row's attention is its C++ kernel, over the row's own positions only
+            attend = torch.ops.shakespeare_native.attend if library else None
+            self._step = torch.compile(functools.partial(self.model.decode_step, attend=attend), dynamic=True)
             cache = self.model.new_kv_cache(2)
             block_size = self.model.config.block_size
             with torch.inference_mode():

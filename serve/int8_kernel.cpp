@@ -1,3 +1,5 @@
+// This project's C++ library: Int8Linear's forward pass, and a decoding step's attention (attend, at the end).
+//
 // Int8Linear's forward pass in one call: int8 weights with one scale per output row, fp32 input rows. Up to a
 // configured number of rows (a decoding step) it runs the kernel below; for more (prompt chunks) fbgemm's kernel,
 // with Int8Linear's row scaling and bias around it. serve/native.py builds this file at first use and loads it as
@@ -25,6 +27,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -327,6 +330,104 @@ at::Tensor linear(const at::Tensor& x, int64_t layer, int64_t out_features, int6
   return own_kernel(x, entry->packed, entry->multipliers, bias, entry->n, entry->scale, path);
 }
 
+// The sum of a vector's 8 lanes, in one fixed order.
+__attribute__((target("avx2,fma"))) inline float lane_sum(__m256 v) {
+  float lanes[8];
+  _mm256_storeu_ps(lanes, v);
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
+// One query (d values, d a multiple of 8) against positions 0 .. n-1 of one head of one cache slot (keys, values:
+// n rows of d): scores = (q . k) * scale, softmax, then the weighted sum of the values, every sum in one fixed
+// order. The work is this row's alone: its result never depends on the rows beside it in the call. kD: d known
+// at compile time (64 in every GPT-2), so the output stays in registers; 0 reads d at run time.
+template <int kD>
+__attribute__((target("avx2,fma"))) void attend_row(const float* q, const float* keys, const float* values,
+                                                     int64_t n, int64_t d_run, float scale, float* scores, float* y) {
+  const int64_t d = kD ? kD : d_run;
+  float top = -INFINITY;
+  int64_t p = 0;
+  for (; p + 4 <= n; p += 4) {  // four positions at once: four independent chains of multiply-adds
+    const float* k = keys + p * d;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t i = 0; i < d; i += 8) {
+      const __m256 q8 = _mm256_loadu_ps(q + i);
+      s0 = _mm256_fmadd_ps(q8, _mm256_loadu_ps(k + i), s0);
+      s1 = _mm256_fmadd_ps(q8, _mm256_loadu_ps(k + d + i), s1);
+      s2 = _mm256_fmadd_ps(q8, _mm256_loadu_ps(k + 2 * d + i), s2);
+      s3 = _mm256_fmadd_ps(q8, _mm256_loadu_ps(k + 3 * d + i), s3);
+    }
+    scores[p] = lane_sum(s0) * scale;
+    scores[p + 1] = lane_sum(s1) * scale;
+    scores[p + 2] = lane_sum(s2) * scale;
+    scores[p + 3] = lane_sum(s3) * scale;
+  }
+  for (; p < n; ++p) {  // the same sums, one position at a time
+    __m256 s0 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8)
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(keys + p * d + i), s0);
+    scores[p] = lane_sum(s0) * scale;
+  }
+  for (p = 0; p < n; ++p) top = std::max(top, scores[p]);
+  float total = 0.0f;
+  for (p = 0; p < n; ++p) {
+    scores[p] = std::exp(scores[p] - top);
+    total += scores[p];
+  }
+  if constexpr (kD > 0) {
+    __m256 out[kD / 8];
+    for (int i = 0; i < kD / 8; ++i) out[i] = _mm256_setzero_ps();
+    for (p = 0; p < n; ++p) {
+      const __m256 weight = _mm256_set1_ps(scores[p] / total);
+      for (int i = 0; i < kD / 8; ++i)
+        out[i] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(values + p * kD + 8 * i), out[i]);
+    }
+    for (int i = 0; i < kD / 8; ++i) _mm256_storeu_ps(y + 8 * i, out[i]);
+  } else {
+    for (int64_t i = 0; i < d; ++i) y[i] = 0.0f;
+    for (p = 0; p < n; ++p) {
+      const __m256 weight = _mm256_set1_ps(scores[p] / total);
+      for (int64_t i = 0; i < d; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(weight, _mm256_loadu_ps(values + p * d + i), _mm256_loadu_ps(y + i)));
+    }
+  }
+}
+
+// A decoding step's attention: row b's query q[b] (heads x d) over positions 0 .. positions[b] of its cache slot
+// slots[b] (keys, values: slots x heads x context x d, the new position already written), every (row, head) a task
+// of its own, spread over the threads. Returns [rows, heads, d].
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& slots_in,
+                  const at::Tensor& positions_in, double scale) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.dim() == 3, "q must be fp32 [rows, heads, head size]");
+  TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.dim() == 4 && keys.is_contiguous() &&
+                  values.scalar_type() == at::kFloat && values.is_contiguous() && values.sizes() == keys.sizes(),
+              "keys and values must be one layer's cache");
+  const at::Tensor q = q_in.contiguous(), slots = slots_in.to(at::kLong).contiguous(),
+                   positions = positions_in.to(at::kLong).contiguous();
+  const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2), context = keys.size(2);
+  TORCH_CHECK(keys.size(1) == heads && keys.size(3) == d && slots.numel() == rows && positions.numel() == rows,
+              "q, the cache, slots and positions do not match");
+  TORCH_CHECK(d % 8 == 0, "the head size must be a multiple of 8, not ", d);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* position = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < rows; ++b)
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < keys.size(0) && position[b] >= 0 && position[b] < context,
+                "row ", b, ": slot ", slot[b], " or position ", position[b], " is outside the cache");
+  at::Tensor out = at::empty({rows, heads, d}, q.options());
+  const float *q_data = q.data_ptr<float>(), *k_data = keys.data_ptr<float>(), *v_data = values.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(context);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const int64_t offset = (slot[b] * heads + h) * context * d;
+      (d == 64 ? attend_row<64> : attend_row<0>)(q_data + task * d, k_data + offset, v_data + offset, position[b] + 1,
+                                                   d, static_cast<float>(scale), scores.data(), out_data + task * d);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(shakespeare_native, m) {
@@ -335,6 +436,10 @@ TORCH_LIBRARY(shakespeare_native, m) {
   m.def("configure(int simd, int most_rows) -> ()", configure);
   m.def("chosen_path(int rows) -> int", chosen_path);
   m.def("linear(Tensor x, int layer, int out_features, int path=-1, bool with_bias=True) -> Tensor");
+  m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor positions, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(shakespeare_native, CPU, m) { m.impl("linear", linear); }
+TORCH_LIBRARY_IMPL(shakespeare_native, CPU, m) {
+  m.impl("linear", linear);
+  m.impl("attend", attend);
+}

@@ -10,6 +10,8 @@ without AVX2 and FMA), Int8Linear keeps the torch operations and one log line sa
 The build takes about 10 s on 2 cores and runs on a thread of its own (start()), so nothing waits for it; the
 library is kept in cache_dir(), named by the source, torch and the flags, so a later start loads it in
 milliseconds, without a compiler.
+The library also has a decoding step's attention (torch.ops.shakespeare_native.attend, model.gpt.Attend): each
+row over its own positions only, every (row, head) a task of its own; the compiled step uses it once loaded.
 """
 
 from __future__ import annotations
@@ -95,12 +97,17 @@ def _load() -> None:
     path = simd()
     torch.ops.shakespeare_native.configure(path, MOST_ROWS[path])
     torch.library.register_fake("shakespeare_native::linear")(_linear_shape)  # for a compiled graph's tracing
+    torch.library.register_fake("shakespeare_native::attend")(_attend_shape)
     _BUILD.path = path  # last: Int8Linear takes the library from here on
     log.info("int8 layers use this project's kernel (%s) for up to %d rows", capabilities().simd, MOST_ROWS[path])
 
 
 def _linear_shape(x: torch.Tensor, layer: int, out_features: int, path: int = -1, with_bias: bool = True):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _attend_shape(q: torch.Tensor, keys, values, slots, positions, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)
 
 
 def cache_dir() -> Path:

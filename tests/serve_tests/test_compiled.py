@@ -10,7 +10,7 @@ import torch
 
 from model import GPT, GPTConfig, SamplingParams, generate
 from model.gpt import ATTENTION_BLOCK, DecodeRows
-from serve import CompiledDecoding, Scheduler, batching
+from serve import CompiledDecoding, Scheduler, batching, native
 from serve.inference import int8_supported
 from serve.kernels import quantize_int8
 
@@ -33,7 +33,9 @@ def int8_model(perturb, make_varied):
 
 @pytest.fixture(scope="module")
 def compiled(int8_model):
-    """The int8 model's decoding step compiled once (about 30 s on a 2-core CPU), handed to no decoder yet."""
+    """The int8 model's decoding step compiled once (about 30 s on a 2-core CPU), handed to no decoder yet, with
+    this project's library loaded first where the CPU can run it, as the app has it by then."""
+    native.load()
     decoding = CompiledDecoding(int8_model)
     assert decoding.compile(), decoding.failed
     return decoding
@@ -98,6 +100,16 @@ def test_the_compiled_step_matches_the_eager_one_and_is_bit_identical_per_row(in
         cache = int8_model.new_kv_cache(1)
         chunk = torch.tensor([PROMPTS[1]])
         assert torch.equal(compiled.next_token_logits(chunk, cache, 0), int8_model.next_token_logits(chunk, cache, 0))
+
+
+@pytest.mark.slow
+def test_the_compiled_step_attends_with_the_librarys_kernel_where_it_loaded(int8_model, compiled):
+    if not native.ready():
+        pytest.skip("this project's library needs AVX2 and a C++ compiler")
+    with torch.profiler.profile() as profile:
+        step(compiled.next_token_logits, int8_model, [0, 1, 2])
+    calls = [event.name for event in profile.events()]
+    assert calls.count("shakespeare_native::attend") == CONFIG.n_layer
 
 
 @pytest.mark.slow

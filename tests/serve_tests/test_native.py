@@ -12,6 +12,7 @@ import torch
 
 from model import GPT, GPTConfig, generate
 from model.device import OVERRIDE, SIMD_LEVELS, capabilities
+from model.gpt import DecodeRows
 from serve import native
 from serve.inference import int8_supported
 from serve.kernels import Int8Linear, quantize_int8
@@ -102,6 +103,71 @@ def test_a_model_decodes_the_same_tokens_on_the_kernel_as_on_fbgemm(loaded, monk
         tokens[name + " logits"] = logits
     assert tokens["kernel"] == tokens["fbgemm"]
     assert torch.equal(tokens["kernel logits"], tokens["fbgemm logits"])
+
+
+def a_cache(head_size: int, slots: int = 3, heads: int = 2, context: int = 40, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    keys, values = (torch.randn(slots, heads, context, head_size, generator=generator) for _ in range(2))
+    return keys, values, torch.randn(4, heads, head_size, generator=generator)
+
+
+@pytest.mark.parametrize("head_size", [64, 16])  # GPT-2's, with the output held in registers, and any other
+def test_the_attention_kernel_is_each_rows_softmax_attention_over_its_own_positions(loaded, head_size):
+    keys, values, q = a_cache(head_size)
+    slots, positions, scale = torch.tensor([2, 0, 1, 0]), torch.tensor([39, 0, 17, 5]), head_size**-0.5
+    y = torch.ops.shakespeare_native.attend(q, keys, values, slots, positions, scale)
+    for b, (slot, position) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
+        seen = slice(0, position + 1)
+        weights = ((keys[slot, :, seen] @ q[b, :, :, None])[..., 0] * scale).softmax(-1)  # (heads, positions)
+        assert torch.allclose(y[b], (weights[..., None] * values[slot, :, seen]).sum(1), atol=1e-6, rtol=1e-5), b
+    # positions past a row's own are never read: changing them changes nothing
+    keys[0, :, 6:], values[0, :, 6:] = float("nan"), float("nan")
+    assert torch.equal(torch.ops.shakespeare_native.attend(q[3:], keys, values, slots[3:], positions[3:], scale), y[3:])
+
+
+def test_the_attention_kernels_rows_do_not_depend_on_their_batch_mates(loaded):
+    keys, values, q = a_cache(64, seed=1)
+    slots, positions = torch.tensor([1, 2, 0, 1]), torch.tensor([3, 39, 20, 3])
+    together = torch.ops.shakespeare_native.attend(q, keys, values, slots, positions, 0.125)
+    for b in range(4):
+        alone = torch.ops.shakespeare_native.attend(
+            q[b : b + 1], keys, values, slots[b : b + 1], positions[b : b + 1], 0.125
+        )
+        assert torch.equal(alone[0], together[b]), b
+
+
+def test_the_attention_kernel_refuses_what_it_cannot_read(loaded):
+    keys, values, q = a_cache(64)
+    with pytest.raises(RuntimeError, match="position 40 is outside the cache"):
+        torch.ops.shakespeare_native.attend(q[:1], keys, values, torch.tensor([0]), torch.tensor([40]), 0.125)
+    with pytest.raises(RuntimeError, match="slot 3 or position 0 is outside the cache"):
+        torch.ops.shakespeare_native.attend(q[:1], keys, values, torch.tensor([3]), torch.tensor([0]), 0.125)
+    keys, values, q = a_cache(12)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        torch.ops.shakespeare_native.attend(q[:1], keys, values, torch.tensor([0]), torch.tensor([0]), 0.125)
+
+
+def test_a_models_decoding_step_attends_with_the_kernel_row_by_row(loaded, perturb):
+    """GPT.decode_step with the library's attention: the same logits within rounding as the model's own batched
+    attention, and each row's logits bit-identical alone and beside rows of other lengths and slots."""
+    torch.manual_seed(0)
+    model = quantize_int8(perturb(GPT(GPTConfig(block_size=160, vocab_size=97, n_layer=2, n_head=2, n_embd=128))))
+    cache = model.new_kv_cache(3)
+    with torch.inference_mode():
+        for slot, length in ((0, 3), (1, 70), (2, 140)):
+            model.fill_cache(torch.randint(0, 97, (1, length)), cache, 0, [slot])
+
+        def logits(rows: list[int], attend=None) -> torch.Tensor:
+            scratch = [t.clone() for t in cache.keys], [t.clone() for t in cache.values]
+            positions = [(3, 70, 140)[row] for row in rows]
+            decode_rows = DecodeRows.of(rows, positions, model.config.block_size, "cpu")
+            return model.decode_step(torch.tensor([7] * len(rows)), *scratch, decode_rows, attend)
+
+        kernel = torch.ops.shakespeare_native.attend
+        together, own = logits([2, 0, 1], kernel), logits([2, 0, 1])
+        assert torch.allclose(together, own, atol=1e-4 * own.std().item(), rtol=0)
+        for i, row in enumerate([2, 0, 1]):
+            assert torch.equal(logits([row], kernel)[0], together[i]), row
 
 
 def in_a_new_process(code: str, env: dict) -> str:
