@@ -276,7 +276,7 @@ class GPT(nn.Module):
         or attend where given). Only tensors and one length come in, so serve.CompiledDecoding compiles it once
         for any batch."""
         x = self.transformer.wte(idx) + self.transformer.wpe(rows.positions)
-        masked = None if attend else torch.arange(rows.length, device=idx.device) > rows.positions[:, None]
+        masked = None if attend is not None else torch.arange(rows.length, device=idx.device) > rows.positions[:, None]
         for block, layer_keys, layer_values in zip(self.transformer.h, keys, values, strict=True):
             x = block.decode(x, layer_keys, layer_values, rows, masked, attend)
         return self.lm_head(self.transformer.ln_f(x))

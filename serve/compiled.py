@@ -62,8 +62,10 @@ class CompiledDecoding:
                     module.native_number()
                 module.native_in_graph = library
         try:
-            # with the library, each row's attention is its C++ kernel, over the row's own positions only
-            attend = torch.ops.shakespeare_native.attend if library else None
+            # with the library, each row's attention (fp32, as the cache is with int8 weights) is its C++ kernel,
+            # over the row's own positions only
+            fp32 = self.model.transformer.wte.weight.dtype == torch.float32
+            attend = torch.ops.shakespeare_native.attend if library and fp32 else None
             self._step = torch.compile(functools.partial(self.model.decode_step, attend=attend), dynamic=True)
             cache = self.model.new_kv_cache(2)
             block_size = self.model.config.block_size

@@ -112,6 +112,17 @@ def test_the_compiled_step_attends_with_the_librarys_kernel_where_it_loaded(int8
     assert calls.count("shakespeare_native::attend") == CONFIG.n_layer
 
 
+def test_the_step_attends_with_the_library_in_fp32_and_with_its_own_batched_attention_otherwise(monkeypatch, perturb):
+    if not native.load():
+        pytest.skip("this project's library needs AVX2 and a C++ compiler")
+    monkeypatch.setattr(torch, "compile", lambda step, **options: step)  # what compile() hands the compiler
+    for dtype, attend in ((torch.float32, torch.ops.shakespeare_native.attend), (torch.bfloat16, None)):
+        torch.manual_seed(0)
+        decoding = CompiledDecoding(perturb(GPT(CONFIG)).to(dtype).eval())
+        assert decoding.compile(), decoding.failed
+        assert decoding._step.keywords["attend"] is attend, dtype
+
+
 @pytest.mark.slow
 def test_the_scheduler_switches_between_requests_and_a_seeded_answer_is_the_same_alone_and_together(
     int8_model, compiled
