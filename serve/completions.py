@@ -108,7 +108,8 @@ def crop_note(request: Request) -> str:
 UPDATE_SECONDS = 0.05  # stream updates at most this often: each costs a trip through the queue and the stream
 # ... and all streams together at most this often per second: with 8 running, each updates every 0.4 s. Each
 # update holds Gradio's event loop and the interpreter lock between decoding steps: at 40 a second 8 clients of
-# GPT-2 124M got 0.84x the tokens/s of the same requests in-process, at 20 1.00x (bench/serve_load.py, 2 cores)
+# GPT-2 124M got 0.84x the tokens/s of the same requests in-process, at 20 1.00x (256 tokens each, 2 cores,
+# bench/serve_load.py)
 UPDATES_PER_SECOND = 20
 
 
