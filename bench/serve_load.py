@@ -45,6 +45,7 @@ from tests.launch import API_TIMEOUT, app_env, running_app, timed_generate  # no
 # time, CPU taken from the app on the same small machine (a real visitor's client runs elsewhere)
 HTTP = httpx.Client(timeout=API_TIMEOUT, limits=httpx.Limits(max_connections=64))
 PROMPT = "ROMEO:"
+TEMPERATURE, TOP_K, TOP_P = 0.8, 50, 1.0  # every request here, through the app and in-process alike
 CLIENTS = (1, 2, 4, 8, 16)
 PRECISIONS = {"fp32": dict(dtype="float32", quantize="none"), "bf16": dict(dtype="bfloat16", quantize="none"),
               "int8": dict(dtype="float32", quantize="int8")}  # fmt: skip
@@ -54,7 +55,7 @@ def ask(url: str, new_tokens: int, seed: int, started: threading.Event | None = 
     """(seconds to the first streamed token, seconds to the end, tokens received) of one visitor calling the
     HTTP API (server-sent events): the times are when the bytes arrive."""
     on_first = None if started is None else started.set
-    first, total, text = timed_generate(url, [PROMPT, new_tokens, 0.8, 50, 1.0, seed], HTTP, on_first)
+    first, total, text = timed_generate(url, [PROMPT, new_tokens, TEMPERATURE, TOP_K, TOP_P, seed], HTTP, on_first)
     return first, total, len(load_tokenizer().encode(text[len(PROMPT) :]))
 
 
@@ -105,7 +106,9 @@ def against_in_process(url: str, source: str, new_tokens: int, rounds: int) -> t
     model = load_for_inference(source, device="cpu")
     native.load()  # as the app has it by the time it serves the compiled step
     tokenizer, app_rates, own_rates = load_tokenizer(), [], []
-    requests = [(tokenizer.encode(PROMPT), new_tokens, SamplingParams(0.8, top_k=50, seed=s)) for s in range(8)]
+    requests = [
+        (tokenizer.encode(PROMPT), new_tokens, SamplingParams(TEMPERATURE, TOP_K, TOP_P, seed=s)) for s in range(8)
+    ]
 
     def rounds_of_both(scheduler: Scheduler) -> None:
         try:
@@ -163,7 +166,10 @@ def invariance(source: str, label: str, new_tokens: int, device: str) -> None:
     """How many of 8 seeded answers are identical alone and all 8 together, for each precision."""
     tokenizer = load_tokenizer()
     prompts = ["ROMEO:", "First Citizen:", "To be or not", "JULIET:\nO", "KING", "Now is the winter", "A", "HAMLET:"]
-    requests = [(tokenizer.encode(p), new_tokens, SamplingParams(0.8, top_k=50, seed=i)) for i, p in enumerate(prompts)]
+    requests = [
+        (tokenizer.encode(p), new_tokens, SamplingParams(TEMPERATURE, TOP_K, TOP_P, seed=i))
+        for i, p in enumerate(prompts)
+    ]
     print(f"\n{label} on {device}: seeded answers identical alone and in a batch of 8 ({new_tokens} tokens each)")
     variants = [(name, options, False) for name, options in PRECISIONS.items() if name != "int8" or device == "cpu"]
     variants += [("int8, compiled step", PRECISIONS["int8"], True)] if device == "cpu" else []
