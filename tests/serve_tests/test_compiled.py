@@ -121,6 +121,11 @@ def test_the_step_attends_with_the_library_in_fp32_and_with_its_own_batched_atte
         decoding = CompiledDecoding(perturb(GPT(CONFIG)).to(dtype).eval())
         assert decoding.compile(), decoding.failed
         assert decoding._step.keywords["attend"] is attend, dtype
+    # where the library is not loaded (no compiler, a CPU without AVX2 and FMA, simd=none), fp32 keeps its own too
+    monkeypatch.setattr(native._BUILD, "path", None)
+    decoding = CompiledDecoding(perturb(GPT(CONFIG)).eval())
+    assert decoding.compile(), decoding.failed
+    assert decoding._step.keywords["attend"] is None
 
 
 @pytest.mark.slow
